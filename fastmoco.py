@@ -1,0 +1,378 @@
+"""Fast-MoCo (Ci et al., ECCV 2022) and the MoCo family it builds on (v1, v2, v3), as plain functions.
+
+Copy-pasteable: imports only torch, torchvision, safetensors and the standard library. No I/O besides the
+checkpoint helpers at the end, no launch code. Recipe facts (every default) are in the project's README.
+"""
+
+import hashlib
+import itertools
+import json
+import math
+import os
+from collections import OrderedDict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+METHODS = ("fastmoco", "mocov3", "mocov2", "mocov1")
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
+         "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
+
+
+# ----------------------------------------------------------------------------- model
+
+def resnet(arch: str, small_stem: bool = False, zero_init_residual: bool = True) -> nn.Module:
+    """A torchvision ResNet without its classifier: (N, 3, H, W) -> pooled features (N, D).
+
+    fc is replaced by Identity, so the state dict has torchvision's key names minus `fc.*`.
+    small_stem: 3x3 stride-1 conv1 and no max-pool, the usual CIFAR variant for 32-64 px images.
+    """
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}: choose one of {', '.join(ARCHS)}")
+    # Fast-MoCo / MoCo v3 both build the backbone with zero_init_residual=True.
+    net = getattr(torchvision.models, arch)(zero_init_residual=zero_init_residual)
+    net.dim = net.fc.in_features  # 512 (resnet18/34) or 2048
+    net.fc = nn.Identity()
+    if small_stem:
+        net.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+        net.maxpool = nn.Identity()
+    return net
+
+
+def mlp(dims, bias=True, last_bn=False, last_bn_affine=True, bn=True) -> nn.Sequential:
+    """Linear(+BN+ReLU) layers for dims[0] -> ... -> dims[-1]; the last layer has no ReLU, optionally a BN."""
+    layers = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        layers.append(nn.Linear(a, b, bias=bias))
+        if i < len(dims) - 2:
+            layers += [nn.BatchNorm1d(b)] if bn else []
+            layers.append(nn.ReLU(inplace=True))
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(b, affine=last_bn_affine))
+    return nn.Sequential(*layers)
+
+
+def heads(method: str, dim: int):
+    """(projector, predictor) of each method; predictor is Identity for MoCo v1/v2."""
+    if method == "fastmoco":
+        # SimSiam's heads (Fast-MoCo Sec. 4). The official code's last projector BN is affine; SimSiam's is not.
+        return (mlp([dim, 2048, 2048, 2048], bias=True, last_bn=True, last_bn_affine=True),
+                mlp([2048, 512, 2048], bias=True))
+    if method == "mocov3":
+        # MoCo v3 (ResNet path): bias-free 4096/256 MLPs, the projector's last BN without affine.
+        return (mlp([dim, 4096, 256], bias=False, last_bn=True, last_bn_affine=False),
+                mlp([256, 4096, 256], bias=False))
+    if method == "mocov2":
+        return mlp([dim, 2048, 128], bn=False), nn.Identity()  # MoCo v2: 2048-ReLU-128, no BN
+    if method == "mocov1":
+        return nn.Linear(dim, 128), nn.Identity()
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
+
+
+class MoCo(nn.Module):
+    """The online encoder of every method: backbone -> (divide/combine for Fast-MoCo) -> projector -> predictor."""
+
+    def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, grid=2, k=2):
+        super().__init__()
+        self.method, self.grid, self.k = method, grid, k
+        self.backbone = resnet(arch, small_stem)
+        self.projector, self.predictor = heads(method, self.backbone.dim)
+
+    def branch(self, x):
+        if self.method == "fastmoco":
+            # Fast-MoCo Sec. 3.2: encode the n*n patches in one batch, combine after global pooling.
+            f = self.backbone(divide(x, self.grid))  # (n*n*N, D)
+            f = combine(f, self.grid ** 2, self.k)  # (C*N, D), C = C(n*n, k)
+        else:
+            f = self.backbone(x)
+        return self.predictor(self.projector(f))
+
+    def forward(self, *views):
+        # Each view is its own batch (BN statistics per view), as in MoCo v3 and SimSiam.
+        return tuple(self.branch(x) for x in views)
+
+
+def target_encoder(model: MoCo) -> nn.Module:
+    """The momentum (EMA) encoder: a frozen copy of backbone + projector (no predictor), initialised equal."""
+    import copy  # stdlib; local so the copy is obviously a one-off
+    target = nn.Sequential(OrderedDict(backbone=copy.deepcopy(model.backbone),
+                                       projector=copy.deepcopy(model.projector)))
+    target.requires_grad_(False)
+    return target
+
+
+def online_params(model: MoCo):
+    """Online parameters mirrored by the target, in the target's order."""
+    return list(model.backbone.parameters()) + list(model.projector.parameters())
+
+
+# ----------------------------------------------------------------------------- divide / combine
+
+def divide(x: torch.Tensor, n: int) -> torch.Tensor:
+    """(N, C, H, W) -> (n*n*N, C, H/n, W/n): non-overlapping grid, patch-major (row p*N + i is patch p of image i),
+    patches numbered row by row. Fast-MoCo Sec. 3.2: cut after augmentation and normalisation, no resize."""
+    N, C, H, W = x.shape
+    h, w = H // n, W // n
+    x = x.reshape(N, C, n, h, n, w).permute(2, 4, 0, 1, 3, 5)  # (n_row, n_col, N, C, h, w)
+    return x.reshape(n * n * N, C, h, w)
+
+
+def combinations(P: int, k: int) -> torch.Tensor:
+    """(C(P, k), P) weights averaging every k-subset of P patches, subsets in lexicographic order."""
+    subsets = list(itertools.combinations(range(P), k))
+    w = torch.zeros(len(subsets), P)
+    for c, s in enumerate(subsets):
+        w[c, list(s)] = 1.0 / k
+    return w
+
+
+def combine(f: torch.Tensor, P: int, k: int) -> torch.Tensor:
+    """(P*N, D) patch-major embeddings -> (C*N, D), C = C(P, k): the mean of every k-subset of each image's P
+    patch embeddings, combination-major. One matmul, no Python loop over subsets."""
+    D = f.shape[-1]
+    w = combinations(P, k).to(f.device, f.dtype)  # (C, P)
+    return (w @ f.reshape(P, -1)).reshape(-1, D)  # (C, N*D) -> (C*N, D)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def infonce(q: torch.Tensor, k: torch.Tensor, tau: float = 1.0, offset: int = 0, two_tau: bool = False):
+    """In-batch InfoNCE, no communication. q: (N, d) or (R, N, d) local queries (R groups of the same N images,
+    e.g. Fast-MoCo's C combinations); k: (M, d) keys gathered from all processes, no grad. The positive of query
+    (r, i) is key offset + i, with offset = rank * N. Returns the mean over all R*N rows.
+    two_tau multiplies by 2*tau (MoCo v3's loss); Fast-MoCo's official loss has no such factor."""
+    q = q.reshape(-1, *q.shape[-2:]) if q.dim() == 3 else q[None]  # (R, N, d)
+    R, N, _ = q.shape
+    q, k = F.normalize(q.reshape(R * N, -1).float(), dim=1), F.normalize(k.float(), dim=1)
+    logits = q @ k.T / tau  # (R*N, M)
+    labels = (offset + torch.arange(N, device=q.device)).repeat(R)  # row r*N + i -> key offset + i
+    loss = F.cross_entropy(logits, labels)
+    return loss * 2 * tau if two_tau else loss
+
+
+def queue_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float):
+    """MoCo v1/v2: cross-entropy over [l_pos, l_neg(queue)] / tau with label 0. q, k: (N, d); queue: (K, d)."""
+    q, k = F.normalize(q.float(), dim=1), F.normalize(k.float(), dim=1)
+    l_pos = (q * k).sum(1, keepdim=True)  # (N, 1)
+    l_neg = q @ queue.T  # (N, K)
+    logits = torch.cat([l_pos, l_neg], 1) / tau
+    return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+# ----------------------------------------------------------------------------- distributed helpers
+
+def world():
+    """(rank, world size); (0, 1) when torch.distributed is not initialised."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate x from all processes along dim 0, in rank order (no gradient: used for keys only)."""
+    _, ws = world()
+    if ws == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(ws)]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def shuffle_bn_forward(encoder: nn.Module, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """MoCo Sec. 3.3 shuffle-BN: run the key encoder on a random permutation of the global batch, so the BN
+    statistics of a process's keys come from other images than its queries; return the local keys in the
+    original order. generator must give the same permutation on every process (seed it with the step)."""
+    rank, ws = world()
+    if ws == 1:  # one process: nothing to shuffle across; BN sees the same batch either way
+        return encoder(x).float()
+    b = x.shape[0]
+    perm = torch.randperm(b * ws, generator=generator).to(x.device)
+    k = gather(encoder(gather(x)[perm[rank * b:(rank + 1) * b]]).float())  # (ws*b, d), shuffled order
+    return k[torch.argsort(perm)][rank * b:(rank + 1) * b]
+
+
+# ----------------------------------------------------------------------------- EMA, queue, schedules, optimizer
+
+@torch.no_grad()
+def ema_update(target_params, online_params, m: float):
+    """target = m * target + (1 - m) * online, one fused op over all tensors. BN buffers are not averaged:
+    the target keeps its own running statistics (as in the official MoCo / Fast-MoCo code)."""
+    torch._foreach_lerp_(list(target_params), list(online_params), 1.0 - m)
+
+
+@torch.no_grad()
+def enqueue(queue: torch.Tensor, ptr: int, keys: torch.Tensor) -> int:
+    """MoCo FIFO queue: write keys (n, d) at ptr, wrapping around the K slots; return the new pointer."""
+    K = queue.shape[0]
+    queue[(ptr + torch.arange(keys.shape[0], device=queue.device)) % K] = keys.to(queue.dtype)
+    return (ptr + keys.shape[0]) % K
+
+
+def lr_at(step: int, total: int, base: float, warmup: int = 0, warmup_from: float = 0.0,
+          milestones=(), gamma: float = 0.1) -> float:
+    """Per-iteration lr: linear warmup from warmup_from*base to base over `warmup` steps, then cosine to 0 over the
+    rest, or (MoCo v1) step decay by gamma at each milestone step when milestones are given."""
+    if step < warmup:
+        return base * (warmup_from + (1.0 - warmup_from) * step / warmup)
+    if milestones:
+        return base * gamma ** sum(step >= s for s in milestones)
+    t = (step - warmup) / max(1, total - warmup)
+    return base * 0.5 * (1.0 + math.cos(math.pi * min(t, 1.0)))
+
+
+def momentum_at(step: int, total: int, m: float, cosine: bool = False) -> float:
+    """EMA momentum: constant m, or (MoCo v3) m rising to 1 by a half cosine over the run."""
+    if not cosine:
+        return m
+    return 1.0 - (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * min(step / max(1, total), 1.0)))
+
+
+class LARS(torch.optim.Optimizer):
+    """LARS as in MoCo v3: 1-D parameters (biases, BN) get neither weight decay nor the trust-ratio scaling."""
+
+    def __init__(self, params, lr=0.0, weight_decay=0.0, momentum=0.9, trust_coefficient=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum,
+                                      trust_coefficient=trust_coefficient))
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                d = p.grad
+                if p.ndim > 1:
+                    d = d.add(p, alpha=g["weight_decay"])
+                    p_norm, d_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(d)
+                    ratio = g["trust_coefficient"] * p_norm / d_norm
+                    d = d * torch.where((p_norm > 0) & (d_norm > 0), ratio, torch.ones_like(ratio))
+                mu = self.state[p].setdefault("mu", torch.zeros_like(p))
+                mu.mul_(g["momentum"]).add_(d)
+                p.add_(mu, alpha=-g["lr"])
+
+
+def make_optimizer(model: MoCo, name: str, lr: float, weight_decay: float, fix_predictor_lr: bool = False):
+    """SGD (momentum 0.9) or LARS over the online model. fix_predictor_lr puts the predictor in its own group
+    whose lr stays at `lr` (SimSiam / Fast-MoCo: the predictor is not scheduled); see set_lr."""
+    if fix_predictor_lr:
+        pred = set(map(id, model.predictor.parameters()))
+        groups = [dict(params=[p for p in model.parameters() if id(p) not in pred]),
+                  dict(params=list(model.predictor.parameters()), fixed_lr=True)]
+    else:
+        groups = [dict(params=list(model.parameters()))]
+    if name == "lars":
+        return LARS(groups, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}: choose sgd or lars")
+
+
+def set_lr(optimizer, lr: float):
+    for g in optimizer.param_groups:
+        if not g.get("fixed_lr", False):
+            g["lr"] = lr
+
+
+# ----------------------------------------------------------------------------- per-method step losses
+# The caller does the EMA update first (as the official code does, at the start of the forward) and runs this under
+# autocast; `model` may be DDP-wrapped: it is called exactly once, so DDP sees one forward per backward.
+
+def fastmoco_loss(model, target, x1, x2, tau=1.0):
+    """Fast-MoCo: the C combined predictions of view 1 against the targets of view 2 of the global batch, and
+    symmetric; the mean of the 2*C cross-entropies (official code: no 2*tau factor)."""
+    p1, p2 = model(x1, x2)  # (C*N, d) each, combination-major
+    with torch.no_grad():
+        k1, k2 = gather(target(x1).float()), gather(target(x2).float())  # (world*N, d)
+    N, off = x1.shape[0], world()[0] * x1.shape[0]
+    p1, p2 = p1.reshape(-1, N, p1.shape[-1]), p2.reshape(-1, N, p2.shape[-1])  # (C, N, d)
+    return (infonce(p1, k2, tau, off) + infonce(p2, k1, tau, off)) / 2
+
+
+def mocov3_loss(model, target, x1, x2, tau=1.0):
+    """MoCo v3: ctr(q1, k2) + ctr(q2, k1), each scaled by 2*tau."""
+    q1, q2 = model(x1, x2)
+    with torch.no_grad():
+        k1, k2 = gather(target(x1).float()), gather(target(x2).float())
+    off = world()[0] * x1.shape[0]
+    return infonce(q1, k2, tau, off, two_tau=True) + infonce(q2, k1, tau, off, two_tau=True)
+
+
+def moco_loss(model, target, x1, x2, queue, tau, generator):
+    """MoCo v1/v2: query from view 1, key from view 2 (shuffle-BN), negatives from the queue (one direction).
+    Returns (loss, keys gathered from all processes) -- enqueue the keys after the step."""
+    (q,) = model(x1)
+    with torch.no_grad():
+        k = F.normalize(shuffle_bn_forward(target, x2, generator), dim=1)  # (N, d)
+    return queue_loss(q, k, queue, tau), gather(k)
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def knn_predict(feats, bank, bank_labels, classes: int, k: int = 200, t: float = 0.1):
+    """Weighted kNN (Wu et al. 2018, as in MoCo's CIFAR demo): the k most cosine-similar bank entries vote for their
+    label with weight exp(sim / t). feats (B, D), bank (M, D), bank_labels (M,) -> predicted labels (B,)."""
+    sim = F.normalize(feats.float(), dim=1) @ F.normalize(bank.float(), dim=1).T  # (B, M)
+    w, idx = sim.topk(min(k, bank.shape[0]), dim=1)
+    scores = torch.zeros(feats.shape[0], classes, device=feats.device)
+    scores.scatter_add_(1, bank_labels[idx], (w / t).exp())
+    return scores.argmax(1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+# safetensors + JSON metadata only: nothing is ever unpickled. Keys: backbone.* (torchvision names, no fc),
+# projector.*, predictor.*, target.backbone.*, target.projector.*, optimizer.<i>.<buffer>, queue, ...
+
+def source_hash() -> str:
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
+
+
+def save_checkpoint(path, tensors: dict, metadata: dict):
+    """Atomic write: a temporary file, fsync, then rename, so `path` is never a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={k: json.dumps(v) for k, v in metadata.items()})
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    """(tensors, metadata) of a safetensors checkpoint; metadata values are parsed as JSON, never evaluated."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+        raise ValueError(f"{path} is not a readable safetensors checkpoint ({e}); pass a .safetensors file "
+                         "written by pretrain.py or safetensors.torch.save_file") from None
+    return tensors, meta
+
+
+def prefixed(tensors: dict, prefix: str) -> dict:
+    """The entries under `prefix`, with the prefix stripped (e.g. 'backbone.' -> a torchvision state dict)."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def optimizer_tensors(optimizer) -> dict:
+    """Optimizer buffers (momentum) as flat tensors `optimizer.<param index>.<name>`."""
+    return {f"optimizer.{i}.{name}": v for i, s in optimizer.state_dict()["state"].items()
+            for name, v in s.items() if torch.is_tensor(v)}
+
+
+def load_optimizer_tensors(optimizer, tensors: dict):
+    state = {}
+    for key, v in prefixed(tensors, "optimizer.").items():
+        i, name = key.split(".", 1)
+        state.setdefault(int(i), {})[name] = v
+    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
