@@ -1,0 +1,236 @@
+"""Data for the stage scripts: the built-in demo set, Hugging Face datasets (Hub streaming, local parquet / image
+folders / saved datasets), each method's augmentations, and seeded samplers that make runs exactly resumable."""
+
+import os
+import random
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from torchvision.transforms import v2
+
+import fastmoco as fm
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def fail(msg: str):
+    """A one-line, user-facing error: exits with status 1, no traceback."""
+    raise SystemExit(f"error: {msg}")
+
+
+# ----------------------------------------------------------------------------- augmentation
+
+def augmentations(name: str, size: int):
+    """The two views' transforms (PIL -> normalised tensor) of each method's recipe."""
+    kernel = 2 * round(0.05 * size) + 1  # 23 at 224 px, as in BYOL / MoCo v3
+    blur = lambda p: v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)  # noqa: E731
+    tail = [v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if name == "mocov1":
+        t = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomGrayscale(0.2),
+                        v2.ColorJitter(0.4, 0.4, 0.4, 0.4)] + tail)
+        return t, t
+    if name in ("mocov2", "fastmoco"):  # MoCo v2 "aug+"; Fast-MoCo's official code crops with bicubic
+        interp = v2.InterpolationMode.BICUBIC if name == "fastmoco" else v2.InterpolationMode.BILINEAR
+        t = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=interp),
+                        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), v2.RandomGrayscale(0.2),
+                        blur(0.5)] + tail)
+        return t, t
+    # MoCo v3 (BYOL's asymmetric views): view 1 always blurred; view 2 rarely blurred, sometimes solarised.
+    base = [v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2, 0.1)], p=0.8),
+            v2.RandomGrayscale(0.2)]
+    return (v2.Compose(base + [blur(1.0)] + tail),
+            v2.Compose(base + [blur(0.1), v2.RandomSolarize(128, p=0.2)] + tail))
+
+
+def clean_transform(size: int):
+    """Non-augmented evaluation view: resize (x256/224 above 64 px) and centre crop."""
+    return v2.Compose([v2.Resize(size if size <= 64 else size * 256 // 224, antialias=True), v2.CenterCrop(size),
+                       v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)])
+
+
+def sample_seed(*ints) -> int:
+    """A seed that is a fixed function of (run seed, epoch, index, ...): augmentation does not depend on worker
+    scheduling, so a resumed run draws exactly the same views."""
+    s = 0
+    for i in ints:
+        s = (s * 1_000_003 + int(i)) % (2 ** 63)
+    return s
+
+
+# ----------------------------------------------------------------------------- data
+
+def demo_dataset(split: str):
+    """Built-in demo data: 10 classes of procedurally drawn 32 px shapes and textures, random colours and placement
+    (2,560 train / 1,000 test). Needs no download; kNN accuracy rises well above chance within minutes on a CPU."""
+    import datasets
+
+    names = ["circle", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "checker", "diagonal", "dots"]
+    rng = random.Random(0 if split == "train" else 1)
+    images, labels = [], []
+    for i in range(2560 if split == "train" else 1000):
+        c, s = i % 10, 32
+        col = lambda: tuple(rng.randrange(256) for _ in range(3))  # noqa: E731
+        img = Image.new("RGB", (s, s), col())
+        d, fg = ImageDraw.Draw(img), col()
+        r = rng.uniform(7, 13)
+        x, y = rng.uniform(r, s - r), rng.uniform(r, s - r)
+        p = rng.randint(3, 6)  # texture period
+        if names[c] == "circle":
+            d.ellipse([x - r, y - r, x + r, y + r], fill=fg)
+        elif names[c] == "square":
+            d.rectangle([x - r, y - r, x + r, y + r], fill=fg)
+        elif names[c] == "triangle":
+            d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fg)
+        elif names[c] == "cross":
+            d.rectangle([x - r, y - r / 3, x + r, y + r / 3], fill=fg)
+            d.rectangle([x - r / 3, y - r, x + r / 3, y + r], fill=fg)
+        elif names[c] == "ring":
+            d.ellipse([x - r, y - r, x + r, y + r], outline=fg, width=3)
+        elif names[c] in ("hstripes", "vstripes", "diagonal"):
+            for t in range(-s, 2 * s, p):
+                line = {"hstripes": [0, t, s, t], "vstripes": [t, 0, t, s], "diagonal": [t, 0, t - s, s]}[names[c]]
+                d.line(line, fill=fg, width=max(1, p // 2))
+        elif names[c] == "checker":
+            for u in range(0, s, p):
+                for v in range(0, s, p):
+                    if (u // p + v // p) % 2:
+                        d.rectangle([u, v, u + p - 1, v + p - 1], fill=fg)
+        else:  # dots
+            for _ in range(6):
+                u, v = rng.uniform(2, s - 2), rng.uniform(2, s - 2)
+                d.ellipse([u - 2, v - 2, u + 2, v + 2], fill=fg)
+        images.append(img)
+        labels.append(c)
+    features = datasets.Features(image=datasets.Image(), label=datasets.ClassLabel(names=names))
+    return datasets.Dataset.from_dict({"image": images, "label": labels}, features=features)
+
+
+def check_hub(name: str):
+    """Fail within seconds, with a way forward, when a Hub dataset cannot be reached (never hang)."""
+    from huggingface_hub import HfApi
+
+    local = "pass local data instead: --data /path/to/folder (parquet files or images) or --data demo"
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+        fail(f"HF_HUB_OFFLINE is set, so {name!r} cannot be streamed from the Hub; {local}")
+    try:
+        HfApi().dataset_info(name, timeout=10)
+    except Exception as e:  # network, DNS, auth, gating, missing repo: all end the same way
+        hint = "log in with `hf auth login` and accept its terms on the Hub, or " if "401" in str(e) or "gated" in str(
+            e).lower() else ""
+        fail(f"cannot reach {name!r} on the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
+             f"{hint}{local}")
+
+
+def load_split(data: str, split: str, streaming: bool):
+    """(dataset, number of examples) of one split of --data: 'demo', a local folder (parquet files named like
+    `train-*.parquet`, an image folder, or a dataset saved with save_to_disk), a parquet file, or a Hub name (always
+    streamed). (None, 0) if the split is absent."""
+    import datasets
+
+    if data == "demo":
+        ds = demo_dataset("train" if split == "train" else "test")
+        return ds, len(ds)
+    path = Path(data).expanduser()
+    if not path.exists():
+        if data.startswith((".", "/", "~")) or data.count("/") != 1:
+            fail(f"data path {data} does not exist: pass a folder of parquet files or images, a Hub name, or demo")
+        check_hub(data)
+        try:
+            ds = datasets.load_dataset(data, split=split, streaming=True)
+        except ValueError:  # no such split
+            return None, 0
+        n = ds.info.splits[split].num_examples if ds.info.splits and split in ds.info.splits else 0
+        return ds, n
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        ds = datasets.load_from_disk(str(path))
+        ds = ds.get(split) if isinstance(ds, datasets.DatasetDict) else (ds if split == "train" else None)
+        return (ds, len(ds)) if ds is not None else (None, 0)
+    files = sorted(str(f) for f in path.rglob("*.parquet")) if path.is_dir() else [str(path)]
+    if files and files[0].endswith(".parquet"):
+        named = [f for f in files if Path(f).name.startswith(f"{split}-") or f"/{split}/" in f]
+        if not named and split != "train":
+            return None, 0
+        import pyarrow.parquet as pq
+
+        n = sum(pq.ParquetFile(f).metadata.num_rows for f in named or files)
+        return datasets.load_dataset("parquet", data_files=named or files, split="train", streaming=streaming), n
+    try:
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path), split=split)
+    except ValueError:
+        return None, 0
+    return (ds.to_iterable_dataset(num_shards=64) if streaming else ds), len(ds)
+
+
+class Views(torch.utils.data.Dataset):
+    """Map-style: key (epoch, index) -> the transformed views of image `index`, seeded by (seed, epoch, index)."""
+
+    def __init__(self, ds, column, transforms, seed):
+        self.ds, self.column, self.transforms, self.seed = ds, column, transforms, seed
+
+    def __len__(self):
+        return len(self.ds)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        img = self.ds[i][self.column].convert("RGB")  # grayscale / CMYK / RGBA / palette -> RGB
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(self.seed, epoch, i))
+            return tuple(t(img) for t in self.transforms)
+
+
+class GlobalBatches(torch.utils.data.Sampler):
+    """This process's share of each global batch of a seeded per-epoch permutation, from `start` (a step), so a
+    resumed run (and a run on any number of processes) sees the same global batches."""
+
+    def __init__(self, n, batch, rank, world, seed, start, stop):
+        self.n, self.batch, self.rank, self.world, self.seed = n, batch, rank, world, seed
+        self.start, self.stop, self.per_epoch = start, stop, n // batch
+
+    def __len__(self):
+        return self.stop - self.start
+
+    def __iter__(self):
+        b, epoch, perm = self.batch // self.world, -1, None
+        for step in range(self.start, self.stop):
+            if step // self.per_epoch != epoch:
+                epoch = step // self.per_epoch
+                perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(sample_seed(self.seed, epoch)))
+            lo = (step % self.per_epoch) * self.batch + self.rank * b
+            yield [(epoch, int(i)) for i in perm[lo:lo + b]]
+
+
+class StreamViews(torch.utils.data.IterableDataset):
+    """Streaming: this process's shards (reshuffled each epoch), endlessly; DataLoader workers split the shards."""
+
+    def __init__(self, ds, column, transforms, seed, start_epoch):
+        self.ds, self.column, self.transforms, self.seed, self.start_epoch = ds, column, transforms, seed, start_epoch
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = info.id if info else 0
+        for epoch in range(self.start_epoch, 10 ** 9):
+            self.ds.set_epoch(epoch)
+            for j, ex in enumerate(self.ds):
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(sample_seed(self.seed, epoch, wid, j, fm.world()[0]))
+                    img = ex[self.column].convert("RGB")
+                    yield tuple(t(img) for t in self.transforms)
+
+
+def loader_for(ds, n, streaming, column, transforms, batch, rank, world, seed, start, stop, workers, pin=False):
+    """DataLoader of this process's local batches (batch // world images) from step `start` to `stop`."""
+    kw = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+              prefetch_factor=4 if workers > 0 else None)
+    if streaming:
+        import datasets.distributed
+
+        # REFERENCE: ImageNet's 294 shards do not divide 4 or 8 processes; split_dataset_by_node would then make every
+        # process read everything. Give each process whole shards instead (uneven by at most one).
+        if world > 1:
+            ds = ds.shard(world, rank) if ds.num_shards >= world else datasets.distributed.split_dataset_by_node(
+                ds, rank, world)
+        views = StreamViews(ds.shuffle(seed=seed, buffer_size=10_000), column, transforms, seed, start // (n // batch))
+        return torch.utils.data.DataLoader(views, batch_size=batch // world, drop_last=True, **kw)
+    sampler = GlobalBatches(n, batch, rank, world, seed, start, stop)
+    return torch.utils.data.DataLoader(Views(ds, column, transforms, seed), batch_sampler=sampler, **kw)

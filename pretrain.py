@@ -1,0 +1,290 @@
+"""Self-supervised pretraining of a ResNet with Fast-MoCo, MoCo v3, MoCo v2 or MoCo v1.
+
+    accelerate launch pretrain.py --epochs 100                      # ImageNet-1k streamed from the Hub
+    python pretrain.py --data demo --arch resnet18 --image-size 32  # built-in demo data, CPU friendly
+
+Every default is the method's published recipe (README, "Methods and recipes"); any of them can be overridden.
+"""
+
+import json
+import os
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import torch.nn as nn
+import typer
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import fastmoco as fm
+from data import augmentations, clean_transform, fail, load_split, loader_for, sample_seed
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+# Each method's published recipe (REFERENCE: official code where it differs from the paper). lr is per 256 images:
+# the lr used is lr * batch_size / 256. Warmup and milestones are in epochs / fractions of the run.
+RECIPES = {
+    "fastmoco": dict(epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, optimizer="sgd", warmup_epochs=1,
+                     warmup_from=0.25, momentum=0.99, cosine_momentum=False, tau=1.0, clip_grad=1.0,
+                     fix_predictor_lr=True, milestones=(), aug="fastmoco", sync_bn=True),
+    "mocov3": dict(epochs=100, batch_size=4096, lr=0.6, weight_decay=1e-6, optimizer="lars", warmup_epochs=10,
+                   warmup_from=0.0, momentum=0.99, cosine_momentum=True, tau=1.0, clip_grad=0.0,
+                   fix_predictor_lr=False, milestones=(), aug="mocov3", sync_bn=True),
+    "mocov2": dict(epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
+                   warmup_from=0.0, momentum=0.999, cosine_momentum=False, tau=0.2, clip_grad=0.0,
+                   fix_predictor_lr=False, milestones=(), aug="mocov2", sync_bn=False),
+    "mocov1": dict(epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
+                   warmup_from=0.0, momentum=0.999, cosine_momentum=False, tau=0.07, clip_grad=0.0,
+                   fix_predictor_lr=False, milestones=(0.6, 0.8), aug="mocov1", sync_bn=False),  # 120/160 of 200
+}
+
+
+class Method(str, Enum):
+    fastmoco = "fastmoco"
+    mocov3 = "mocov3"
+    mocov2 = "mocov2"
+    mocov1 = "mocov1"
+
+
+@torch.no_grad()
+def knn_top1(backbone, train, val, column, size, acc, batch=256) -> float:
+    """kNN top-1 (k=200, t=0.1) of `backbone` on clean views: train split as the bank, val split as queries."""
+    t = clean_transform(size)
+    backbone.eval()
+    feats = []
+    for ds in (train, val):
+        data = ds.with_transform(lambda b: {"x": [t(im.convert("RGB")) for im in b[column]], "y": b["label"]})
+        loader = acc.prepare(torch.utils.data.DataLoader(data, batch_size=batch))
+        f, y = zip(*[acc.gather_for_metrics((backbone(b["x"]).float(), b["y"])) for b in loader])
+        feats.append((torch.cat(f), torch.cat(y)))
+    backbone.train()
+    (bank, bank_y), (q, q_y) = feats
+    pred = fm.knn_predict(q, bank, bank_y, int(bank_y.max()) + 1)
+    return 100.0 * (pred == q_y).float().mean().item()
+
+
+def state_tensors(model, target, optimizer, queue, ptr, acc) -> dict:
+    """Everything a resume needs, as flat tensors (see README, "Checkpoint layout")."""
+    t = dict(model.state_dict())  # backbone.* (torchvision names), projector.*, predictor.*
+    t.update({f"target.{k}": v for k, v in target.state_dict().items()})
+    t.update(fm.optimizer_tensors(optimizer))
+    if queue is not None:
+        t.update(queue=queue, queue_ptr=torch.tensor(ptr))
+    t["rng.torch"] = torch.get_rng_state()
+    if acc.scaler is not None:  # fp16 loss scaler
+        t.update({f"scaler.{k}": torch.tensor(v) for k, v in acc.scaler.state_dict().items()
+                  if isinstance(v, (int, float))})
+    return t
+
+
+@app.command()
+def main(
+    data: Annotated[str, typer.Option(help="Hub dataset name (streamed), local folder of parquet files / images, "
+                                           "a saved dataset, or 'demo' (built-in, no download).")] = "ILSVRC/imagenet-1k",
+    method: Annotated[Method, typer.Option(help="Fast-MoCo (ECCV 2022), MoCo v3, v2 or v1.")] = Method.fastmoco,
+    arch: Annotated[str, typer.Option(help=f"torchvision ResNet: {', '.join(fm.ARCHS)}.")] = "resnet50",
+    image_size: Annotated[int, typer.Option(help="Crop size of the augmented views.")] = 224,
+    small_stem: Annotated[Optional[bool], typer.Option(
+        help="3x3 stride-1 conv1, no max-pool (CIFAR-style). Default: on when --image-size <= 64.")] = None,
+    grid: Annotated[int, typer.Option(help="Fast-MoCo: divide each view into grid x grid patches.")] = 2,
+    k: Annotated[int, typer.Option(help="Fast-MoCo: patches averaged per combined embedding (1..grid^2-1).")] = 2,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Global batch (all processes). Recipe: fastmoco 512, mocov3 4096, mocov2/v1 256.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Recipe: fastmoco/mocov3 100, mocov2/v1 200.")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(
+        help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules still span --epochs.")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Learning rate per 256 images (used: lr x batch/256). Recipe: fastmoco 0.05, mocov3 0.6, v2/v1 0.03.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3: 1e-6).")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear lr warmup. Recipe: fastmoco 1, mocov3 10.")] = None,
+    momentum: Annotated[Optional[float], typer.Option(
+        help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), v2/v1 0.999.")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07.")] = None,
+    clip_grad: Annotated[Optional[float], typer.Option(help="Global grad-norm clip, 0 = off. Recipe: fastmoco 1.0.")] = None,
+    queue_size: Annotated[int, typer.Option(help="MoCo v1/v2: number of negatives K in the queue.")] = 65536,
+    output_dir: Annotated[Path, typer.Option(help="Checkpoints, log.jsonl and TensorBoard logs go here.")] = Path(
+        "runs/pretrain"),
+    seed: Annotated[int, typer.Option(help="Seeds the init, the data order and every augmentation.")] = 0,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the run saved in this checkpoint.")] = None,
+    save_every: Annotated[int, typer.Option(help="Write DIR/ckpt-STEP.safetensors every N steps (0 = off).")] = 1000,
+    keep: Annotated[int, typer.Option(help="Keep only the newest N periodic checkpoints.")] = 3,
+    log_every: Annotated[int, typer.Option(help="Sync and log the loss every N steps.")] = 20,
+    knn_every: Annotated[int, typer.Option(
+        help="kNN top-1 of the online backbone every N epochs on labelled local data (0 = off).")] = 0,
+    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
+    image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
+    streaming: Annotated[Optional[bool], typer.Option(
+        help="Stream the data (always for Hub names; off for local data unless set).")] = None,
+    mixed_precision: Annotated[Optional[str], typer.Option(
+        help="no, bf16 or fp16. Default: Accelerate's config / `accelerate launch --mixed_precision`.")] = None,
+    channels_last: Annotated[bool, typer.Option(help="channels_last memory format (faster convs on GPU and CPU).")] = True,
+    tensorboard: Annotated[bool, typer.Option(help="Log to TensorBoard through Accelerate.")] = True,
+):
+    """Pretrain a ResNet with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
+    args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
+    # 1. recipe defaults, then argument checks before any work
+    r = {**RECIPES[method.value], **{n: v for n, v in dict(
+        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        momentum=momentum, tau=tau, clip_grad=clip_grad).items() if v is not None}}
+    small_stem = image_size <= 64 if small_stem is None else small_stem
+    moco = method.value in ("mocov1", "mocov2")
+    acc = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard" if tensorboard else None,
+                      project_dir=str(output_dir))
+    B, world = r["batch_size"], acc.num_processes
+    if arch not in fm.ARCHS:
+        fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    if B % world:
+        fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
+    if method == Method.fastmoco and (image_size % grid or not 1 <= k < grid * grid):
+        fail(f"--grid {grid} must divide --image-size {image_size} and --k must be in 1..{grid * grid - 1} (got {k})")
+    if moco and queue_size % B:
+        fail(f"--queue-size {queue_size} is not divisible by the global batch {B}: MoCo enqueues whole batches")
+    if resume is not None and not resume.is_file():
+        fail(f"--resume {resume} does not exist")
+
+    # 2. data
+    hub = not Path(data).expanduser().exists() and data != "demo"
+    streaming = hub if streaming is None else (streaming or hub)
+    ds, n = load_split(data, "train", streaming)
+    if ds is None or n == 0:
+        fail(f"no training split found in {data}")
+    if image_column not in (ds.column_names or [image_column]):
+        fail(f"--image-column {image_column} is not a column of {data} (columns: {', '.join(ds.column_names)})")
+    per_epoch = n // B
+    if per_epoch == 0:
+        fail(f"{data} has {n} images, fewer than one global batch of {B}: lower --batch-size")
+    total = r["epochs"] * per_epoch
+    stop = min(total, max_steps) if max_steps else total
+    workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
+    knn_data = None
+    if knn_every:
+        val, _ = load_split(data, "validation", False)
+        val = val if val is not None else load_split(data, "test", False)[0]
+        if streaming or val is None or "label" not in ds.column_names:
+            fail("--knn-every needs local labelled data with a validation or test split (label column)")
+        knn_data = (ds, val)
+
+    # 3. model, momentum encoder, optimizer, queue (same init on every process)
+    torch.manual_seed(seed)
+    model = fm.MoCo(method.value, arch, small_stem, grid, k)
+    if r["sync_bn"] and world > 1 and acc.device.type == "cuda":  # torch's SyncBN runs on GPUs only
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    target = fm.target_encoder(model)  # official MoCo v3: the momentum encoder uses SyncBN too
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model.to(acc.device, memory_format=fmt)
+    target.to(acc.device, memory_format=fmt)
+    base_lr = r["lr"] * B / 256
+    optimizer = fm.make_optimizer(model, r["optimizer"], base_lr, r["weight_decay"], r["fix_predictor_lr"])
+    queue, ptr = None, 0
+    if moco:
+        queue = nn.functional.normalize(torch.randn(queue_size, 128), dim=1).to(acc.device)  # (K, 128)
+    step = 0
+    if resume is not None:
+        tensors, meta = fm.load_checkpoint(resume)
+        if meta.get("method") != method.value or meta.get("arch") != arch:
+            fail(f"{resume} is a {meta.get('method')}/{meta.get('arch')} checkpoint; this run is {method.value}/{arch}")
+        model.load_state_dict({n_: v for n_, v in tensors.items() if n_.split(".")[0] in (
+            "backbone", "projector", "predictor")})
+        target.load_state_dict(fm.prefixed(tensors, "target."))
+        fm.load_optimizer_tensors(optimizer, tensors)
+        if moco:
+            queue.copy_(tensors["queue"])
+            ptr = int(tensors["queue_ptr"])
+        torch.set_rng_state(tensors["rng.torch"])
+        step = meta["step"]
+    model, optimizer = acc.prepare(model, optimizer)  # DDP: the momentum encoder has no trainable params, not prepared
+    if acc.scaler is not None and resume is not None:
+        acc.scaler.load_state_dict({k_[7:]: v.item() for k_, v in tensors.items() if k_.startswith("scaler.")} or
+                                   acc.scaler.state_dict())
+    online = acc.unwrap_model(model)
+    loader = loader_for(ds, n, streaming, image_column, augmentations(r["aug"], image_size), B, acc.process_index, world,
+                        seed, step, stop, workers, pin=acc.device.type == "cuda")
+
+    # 4. train
+    output_dir.mkdir(parents=True, exist_ok=True)
+    acc.init_trackers("pretrain", config={k_: v for k_, v in args.items() if isinstance(v, (int, float, str, bool))})
+    meta = dict(format="fastmoco-pretrain-v1", method=method.value, arch=arch, small_stem=small_stem,
+                image_size=image_size, args=args, recipe=r, fastmoco_sha256=fm.source_hash())
+    log = open(output_dir / "log.jsonl", "a") if acc.is_main_process else None
+
+    def save(path):
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            fm.save_checkpoint(path, state_tensors(online, target, optimizer, queue, ptr, acc),
+                               dict(meta, step=step, epoch=step / per_epoch, total_steps=total))
+            for old in sorted(output_dir.glob("ckpt-*.safetensors"))[:-keep or None]:
+                old.unlink()
+
+    def record(row):
+        row = dict(step=step, epoch=round(step / per_epoch, 3), **row)
+        if log:
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+        acc.log({k_: v for k_, v in row.items() if k_ not in ("step",)}, step=step)
+        return row
+
+    if knn_every and step == 0:
+        t0 = time.perf_counter()
+        record(dict(knn_top1=knn_top1(online.backbone, *knn_data, image_column, image_size, acc),
+                    knn_seconds=time.perf_counter() - t0))
+    running, t_log, s_log = torch.zeros((), device=acc.device), time.perf_counter(), step
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
+    with progress:
+        task = progress.add_task(f"{method.value} {arch}", total=stop, completed=step, info="")
+        for x1, x2 in loader:
+            x1 = x1.to(acc.device, non_blocking=True, memory_format=fmt)
+            x2 = x2.to(acc.device, non_blocking=True, memory_format=fmt)
+            lr_now = fm.lr_at(step, total, base_lr, r["warmup_epochs"] * per_epoch, r["warmup_from"],
+                              [round(f * total) for f in r["milestones"]])
+            m = fm.momentum_at(step, total, r["momentum"], r["cosine_momentum"])
+            fm.set_lr(optimizer, lr_now)
+            fm.ema_update(target.parameters(), fm.online_params(online), m)  # official order: before the forward
+            with acc.autocast():  # covers the target forward too
+                if method == Method.fastmoco:
+                    loss = fm.fastmoco_loss(model, target, x1, x2, r["tau"])
+                elif method == Method.mocov3:
+                    loss = fm.mocov3_loss(model, target, x1, x2, r["tau"])
+                else:
+                    g = torch.Generator().manual_seed(sample_seed(seed, step))  # same shuffle on every process
+                    loss, keys = fm.moco_loss(model, target, x1, x2, queue, r["tau"], g)
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            if r["clip_grad"]:
+                acc.clip_grad_norm_(model.parameters(), r["clip_grad"])
+            optimizer.step()
+            if moco:
+                ptr = fm.enqueue(queue, ptr, keys)
+            step += 1
+            running += loss.detach()
+            if step % log_every == 0 or step == stop:  # the only host sync of the loop
+                mean = acc.reduce(running, "mean").item() / (step - s_log)
+                if not torch.isfinite(torch.tensor(mean)):
+                    fail(f"loss is {mean} at step {step}; the last checkpoint in {output_dir} is intact")
+                ips = (step - s_log) * B / (time.perf_counter() - t_log)
+                record(dict(loss=mean, lr=lr_now, m=m, img_per_s=round(ips, 1)))
+                progress.update(task, info=f"loss {mean:.4f} lr {lr_now:.3g} m {m:.4f} {ips:.0f} img/s")
+                running.zero_()
+                t_log, s_log = time.perf_counter(), step
+            progress.update(task, completed=step)
+            if knn_every and step % (knn_every * per_epoch) == 0:
+                t0 = time.perf_counter()
+                record(dict(knn_top1=knn_top1(online.backbone, *knn_data, image_column, image_size, acc),
+                            knn_seconds=time.perf_counter() - t0))
+                t_log += time.perf_counter() - t0  # kNN time is not training time
+            if save_every and step % save_every == 0 and step < stop:
+                save(output_dir / f"ckpt-{step:07d}.safetensors")
+            if step >= stop:
+                break
+    save(output_dir / "ckpt.safetensors")
+    acc.end_training()
+    if log:
+        log.close()
+    acc.print(f"wrote {output_dir / 'ckpt.safetensors'} (step {step}/{total})")
+
+
+if __name__ == "__main__":
+    app()

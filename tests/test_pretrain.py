@@ -1,0 +1,142 @@
+"""pretrain.py end to end, as a user runs it: a subprocess per run, on small data the tests write themselves."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import datasets
+import pytest
+import torch
+import torchvision
+
+import fastmoco as fm
+from data import demo_dataset
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(*args, check=True, env=None, timeout=600):
+    """python pretrain.py ARGS -> CompletedProcess (tiny, fast defaults a test can override)."""
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--arch", "resnet18", "--image-size", "32", "--batch-size", "8",
+           "--workers", "0", "--no-tensorboard", "--log-every", "1", *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no", **(env or {})})
+    if check and p.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+def read_log(d):
+    return [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def parquet(tmp_path_factory):
+    """A Hugging Face style folder: train-*.parquet (48 images) and test-*.parquet (20), columns image, label."""
+    d = tmp_path_factory.mktemp("parquet")
+    demo_dataset("train").select(range(48)).to_parquet(str(d / "train-00000-of-00001.parquet"))
+    demo_dataset("test").select(range(20)).to_parquet(str(d / "test-00000-of-00001.parquet"))
+    return d
+
+
+@pytest.mark.parametrize("method", ["fastmoco", "mocov3", "mocov2", "mocov1"])
+def test_method_runs_and_checkpoint_loads_into_torchvision(parquet, tmp_path, method):
+    extra = ["--queue-size", "16"] if method in ("mocov1", "mocov2") else []
+    run("--data", parquet, "--method", method, "--no-small-stem", "--max-steps", 3, "--save-every", 2,
+        "--output-dir", tmp_path, *extra)
+    rows = read_log(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert (tmp_path / "ckpt-0000002.safetensors").is_file()
+    tensors, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    assert meta["method"] == method and meta["step"] == 3 and meta["args"]["seed"] == 0
+    assert meta["fastmoco_sha256"] == fm.source_hash()
+    assert not any(k.startswith(("module.", "_orig_mod.")) or ".module." in k for k in tensors)
+    net = torchvision.models.resnet18()
+    missing, unexpected = net.load_state_dict(fm.prefixed(tensors, "backbone."), strict=False)
+    assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
+    # resumable content: momentum encoder, optimizer buffers, and the queue for MoCo v1/v2
+    assert any(k.startswith("target.backbone.") for k in tensors) and any(k.startswith("optimizer.") for k in tensors)
+    assert ("queue" in tensors) == (method in ("mocov1", "mocov2"))
+
+
+def test_small_stem_checkpoint_loads_into_modified_torchvision(parquet, tmp_path):
+    run("--data", parquet, "--max-steps", 1, "--output-dir", tmp_path)  # 32 px: small stem by default
+    tensors, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    assert meta["small_stem"] is True
+    net = torchvision.models.resnet18()
+    net.conv1, net.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
+    net.fc = torch.nn.Identity()
+    net.load_state_dict(fm.prefixed(tensors, "backbone."), strict=True)
+
+
+@pytest.mark.parametrize("method", ["fastmoco", "mocov2"])
+def test_resume_continues_exactly(parquet, tmp_path, method):
+    """Stop at step 3, resume to step 6: the losses of steps 4-6 and the final weights equal an uninterrupted run's
+    bit for bit (data order and augmentations are seeded per step and image; optimizer, queue, EMA are saved)."""
+    extra = ["--queue-size", "16"] if method == "mocov2" else []
+    common = ["--data", parquet, "--method", method, "--epochs", 2, *extra]
+    run(*common, "--max-steps", 6, "--output-dir", tmp_path / "full")
+    run(*common, "--max-steps", 3, "--output-dir", tmp_path / "part")
+    run(*common, "--max-steps", 6, "--output-dir", tmp_path / "part", "--resume", tmp_path / "part/ckpt.safetensors")
+    full, part = read_log(tmp_path / "full"), read_log(tmp_path / "part")
+    assert [r["step"] for r in part] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in part] == [r["loss"] for r in full]
+    a, _ = fm.load_checkpoint(tmp_path / "full/ckpt.safetensors")
+    b, _ = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        if not k.startswith("rng."):
+            assert torch.equal(a[k], b[k]), k
+
+
+def test_hub_unreachable_fails_fast_with_a_way_forward(tmp_path):
+    t = time.time()
+    p = run("--data", "someone/some-dataset", "--output-dir", tmp_path, check=False,
+            env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0"})  # a closed port: refused at once
+    assert p.returncode == 1 and time.time() - t < 60
+    err = p.stderr.strip().splitlines()
+    assert len(err) == 1 and "Hugging Face Hub" in err[0] and "--data" in err[0], p.stderr
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--arch", "resnet7"], "unknown --arch"),
+    (["--grid", 3], "--grid 3 must divide"),
+    (["--k", 4], "--k must be in 1..3"),
+    (["--method", "mocov2", "--queue-size", 20], "--queue-size 20 is not divisible"),
+    (["--batch-size", 64], "fewer than one global batch"),
+])
+def test_bad_arguments_get_one_line_errors(parquet, tmp_path, args, words):
+    p = run("--data", parquet, "--output-dir", tmp_path, *args, check=False)
+    assert p.returncode == 1 and words in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert not (tmp_path / "ckpt.safetensors").exists()
+
+
+def test_missing_data_path(tmp_path):
+    p = run("--data", tmp_path / "nope", "--output-dir", tmp_path, check=False)
+    assert p.returncode == 1 and "does not exist" in p.stderr
+
+
+def test_streaming_image_folder_and_saved_dataset(parquet, tmp_path):
+    """The other local sources: parquet streamed, an image folder, a dataset saved with save_to_disk."""
+    run("--data", parquet, "--streaming", "--max-steps", 2, "--output-dir", tmp_path / "s")
+    folder = tmp_path / "images"
+    for i, ex in enumerate(demo_dataset("test").select(range(16))):
+        (folder / str(ex["label"])).mkdir(parents=True, exist_ok=True)
+        ex["image"].save(folder / str(ex["label"]) / f"{i}.png")
+    run("--data", folder, "--max-steps", 2, "--output-dir", tmp_path / "f")
+    datasets.load_dataset("parquet", data_dir=str(parquet), split="train").save_to_disk(str(tmp_path / "saved"))
+    run("--data", tmp_path / "saved", "--max-steps", 2, "--output-dir", tmp_path / "d")
+    for d in "sfd":
+        assert len(read_log(tmp_path / d)) == 2
+
+
+def test_knn_monitor_does_not_change_training(parquet, tmp_path):
+    run("--data", parquet, "--epochs", 2, "--output-dir", tmp_path / "a")
+    run("--data", parquet, "--epochs", 2, "--knn-every", 1, "--output-dir", tmp_path / "b")
+    a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
+    knn = [r for r in b if "knn_top1" in r]
+    assert [r["step"] for r in knn] == [0, 6, 12] and all(0 <= r["knn_top1"] <= 100 for r in knn)
+    assert [r["loss"] for r in a] == [r["loss"] for r in b if "loss" in r]
