@@ -351,12 +351,19 @@ def load_checkpoint(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            meta = {k: _json_or_str(v) for k, v in (f.metadata() or {}).items()}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, json.JSONDecodeError, OSError) as e:
+    except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({e}); pass a .safetensors file "
                          "written by pretrain.py or safetensors.torch.save_file") from None
     return tensors, meta
+
+
+def _json_or_str(v: str):
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:  # other writers' metadata, e.g. {"format": "pt"}: keep the raw string
+        return v
 
 
 def prefixed(tensors: dict, prefix: str) -> dict:
