@@ -177,6 +177,11 @@ def main(
     if channels_last is None:  # measured on a 2-core AVX-512 CPU: channels_last helps bf16, hurts fp32
         channels_last = acc.device.type != "cpu" or acc.mixed_precision != "no"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
+    smallest = image_size // grid if method == Method.fastmoco else image_size  # Fast-MoCo's online sees patches
+    if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if small_stem else 16):
+        # torch 2.14 CPU: the bf16 weight gradient of a stride-2 conv on a 1x1 input (layer4.0 here) is sometimes inf
+        fail(f"{smallest} px inputs reach layer4 at 1x1, where CPU bf16 gives non-finite gradients: use --mixed-precision "
+             "no, --small-stem, or a larger --image-size")
     model.to(acc.device, memory_format=fmt)
     target.to(acc.device, memory_format=fmt)
     base_lr = r["lr"] * B / 256

@@ -141,3 +141,20 @@ def test_knn_monitor_does_not_change_training(parquet, tmp_path):
     knn = [r for r in b if "knn_top1" in r]
     assert [r["step"] for r in knn] == [0, 6, 12] and all(0 <= r["knn_top1"] <= 100 for r in knn)
     assert [r["loss"] for r in a] == [r["loss"] for r in b if "loss" in r]
+
+
+def test_cpu_bf16_with_1x1_layer4_inputs_is_refused(parquet, tmp_path):
+    """torch's CPU bf16 conv weight-gradient is sometimes inf for a stride-2 conv on a 1x1 input: refuse up front."""
+    p = run("--data", parquet, "--mixed-precision", "bf16", "--output-dir", tmp_path, check=False)
+    assert p.returncode == 1 and "non-finite gradients" in p.stderr, p.stderr
+
+
+@pytest.mark.parametrize("method", ["mocov3", "mocov2"])
+def test_bf16_autocast_run(parquet, tmp_path, method):
+    """Mixed precision from the flag (as from `accelerate launch --mixed_precision bf16`), channels_last by default."""
+    run("--data", parquet, "--method", method, "--queue-size", 16, "--mixed-precision", "bf16", "--max-steps", 2,
+        "--output-dir", tmp_path)
+    rows = read_log(tmp_path)
+    meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")[1]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
+    assert meta["args"]["mixed_precision"] == "bf16"
