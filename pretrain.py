@@ -42,6 +42,12 @@ RECIPES = {
 }
 
 
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
 class Method(str, Enum):
     fastmoco = "fastmoco"
     mocov3 = "mocov3"
@@ -118,7 +124,7 @@ def main(
     image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
     streaming: Annotated[Optional[bool], typer.Option(
         help="Stream the data (always for Hub names; off for local data unless set).")] = None,
-    mixed_precision: Annotated[Optional[str], typer.Option(
+    mixed_precision: Annotated[Optional[Precision], typer.Option(
         help="no, bf16 or fp16. Default: Accelerate's config / `accelerate launch --mixed_precision`.")] = None,
     channels_last: Annotated[Optional[bool], typer.Option(
         help="channels_last memory format. Default: on, except fp32 on CPU where it is ~3x slower.")] = None,
@@ -132,7 +138,7 @@ def main(
         momentum=momentum, tau=tau, clip_grad=clip_grad).items() if v is not None}}
     small_stem = image_size <= 64 if small_stem is None else small_stem
     moco = method.value in ("mocov1", "mocov2")
-    acc = Accelerator(mixed_precision=mixed_precision, log_with="tensorboard" if tensorboard else None,
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with="tensorboard" if tensorboard else None,
                       project_dir=str(output_dir))
     B, world = r["batch_size"], acc.num_processes
     if arch not in fm.ARCHS:
@@ -143,6 +149,11 @@ def main(
         fail(f"--grid {grid} must divide --image-size {image_size} and --k must be in 1..{grid * grid - 1} (got {k})")
     if moco and queue_size % B:
         fail(f"--queue-size {queue_size} is not divisible by the global batch {B}: MoCo enqueues whole batches")
+    smallest = image_size // grid if method == Method.fastmoco else image_size  # Fast-MoCo's online sees patches
+    if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if small_stem else 16):
+        # torch 2.14 CPU: the bf16 weight gradient of a stride-2 conv on a 1x1 input (layer4.0 here) is sometimes inf
+        fail(f"{smallest} px inputs reach layer4 at 1x1, where CPU bf16 gives non-finite gradients: use --mixed-precision "
+             "no, --small-stem, or a larger --image-size")
     if resume is not None and not resume.is_file():
         fail(f"--resume {resume} does not exist")
 
@@ -177,11 +188,6 @@ def main(
     if channels_last is None:  # measured on a 2-core AVX-512 CPU: channels_last helps bf16, hurts fp32
         channels_last = acc.device.type != "cpu" or acc.mixed_precision != "no"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    smallest = image_size // grid if method == Method.fastmoco else image_size  # Fast-MoCo's online sees patches
-    if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if small_stem else 16):
-        # torch 2.14 CPU: the bf16 weight gradient of a stride-2 conv on a 1x1 input (layer4.0 here) is sometimes inf
-        fail(f"{smallest} px inputs reach layer4 at 1x1, where CPU bf16 gives non-finite gradients: use --mixed-precision "
-             "no, --small-stem, or a larger --image-size")
     model.to(acc.device, memory_format=fmt)
     target.to(acc.device, memory_format=fmt)
     base_lr = r["lr"] * B / 256
