@@ -62,7 +62,7 @@ def sample_seed(*ints) -> int:
 
 def demo_dataset(split: str):
     """Built-in demo data: 10 classes of procedurally drawn 32 px shapes and textures, random colours and placement
-    (2,560 train / 1,000 test). Needs no download; kNN accuracy rises well above chance within minutes on a CPU."""
+    (2,560 train / 1,000 test). Needs no download: a new user sees the whole pipeline run within minutes on a CPU."""
     import datasets
 
     names = ["circle", "square", "triangle", "cross", "ring", "hstripes", "vstripes", "checker", "diagonal", "dots"]

@@ -4,6 +4,7 @@ Copy-pasteable: imports only torch, torchvision, safetensors and the standard li
 checkpoint helpers at the end, no launch code. Recipe facts (every default) are in the project's README.
 """
 
+import copy
 import hashlib
 import itertools
 import json
@@ -100,7 +101,6 @@ class MoCo(nn.Module):
 
 def target_encoder(model: MoCo) -> nn.Module:
     """The momentum (EMA) encoder: a frozen copy of backbone + projector (no predictor), initialised equal."""
-    import copy  # stdlib; local so the copy is obviously a one-off
     target = nn.Sequential(OrderedDict(backbone=copy.deepcopy(model.backbone),
                                        projector=copy.deepcopy(model.projector)))
     target.requires_grad_(False)
