@@ -158,3 +158,41 @@ def test_bf16_autocast_run(parquet, tmp_path, method):
     meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")[1]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert meta["args"]["mixed_precision"] == "bf16"
+
+
+def test_recipe_overrides_reach_the_schedules(parquet, tmp_path):
+    """--lr (per 256 images), --warmup-epochs, --momentum, --tau, --weight-decay, --clip-grad override the recipe."""
+    run("--data", parquet, "--epochs", 2, "--max-steps", 7, "--lr", 0.1, "--warmup-epochs", 1, "--momentum", 0.9,
+        "--tau", 0.5, "--weight-decay", 0.001, "--clip-grad", 2.0, "--output-dir", tmp_path)
+    rows, meta = read_log(tmp_path), fm.load_checkpoint(tmp_path / "ckpt.safetensors")[1]
+    base = 0.1 * 8 / 256  # 48 images / batch 8 = 6 steps per epoch, warmup 6 steps from base/4 (Fast-MoCo)
+    assert rows[0]["lr"] == pytest.approx(base * 0.25) and rows[6]["lr"] == pytest.approx(base)
+    assert all(r["m"] == 0.9 for r in rows)
+    assert {k: meta["recipe"][k] for k in ("tau", "weight_decay", "clip_grad", "momentum")} == dict(
+        tau=0.5, weight_decay=0.001, clip_grad=2.0, momentum=0.9)
+
+
+def test_workers_do_not_change_the_run_and_old_checkpoints_rotate(parquet, tmp_path):
+    """Augmentations are seeded per image, so 2 DataLoader workers give the same losses as none; --keep 2 keeps the
+    newest two periodic checkpoints."""
+    run("--data", parquet, "--max-steps", 4, "--output-dir", tmp_path / "a")
+    run("--data", parquet, "--max-steps", 4, "--workers", 2, "--save-every", 1, "--keep", 2, "--output-dir",
+        tmp_path / "b")
+    assert [r["loss"] for r in read_log(tmp_path / "a")] == [r["loss"] for r in read_log(tmp_path / "b")]
+    assert sorted(p.name for p in (tmp_path / "b").glob("ckpt-*")) == ["ckpt-0000002.safetensors",
+                                                                       "ckpt-0000003.safetensors"]
+
+
+def test_tensorboard_image_column_and_resume_mismatch(tmp_path):
+    """TensorBoard event files through Accelerate; a renamed image column via --image-column; a checkpoint of another
+    method is refused on --resume."""
+    d = tmp_path / "data"
+    d.mkdir()
+    demo_dataset("train").select(range(16)).rename_column("image", "img").to_parquet(str(d / "train-0.parquet"))
+    p = run("--data", d, "--max-steps", 1, "--output-dir", tmp_path / "x", check=False)
+    assert p.returncode == 1 and "--image-column image is not a column" in p.stderr
+    cmd = ["--data", d, "--image-column", "img", "--max-steps", 1, "--output-dir", tmp_path / "r"]
+    run(*cmd, "--tensorboard")
+    assert list((tmp_path / "r").rglob("events.out.tfevents.*"))
+    p = run(*cmd, "--method", "mocov3", "--resume", tmp_path / "r/ckpt.safetensors", check=False)
+    assert p.returncode == 1 and "is a fastmoco/resnet18 checkpoint" in p.stderr
