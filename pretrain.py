@@ -161,8 +161,11 @@ def main(
     hub = not Path(data).expanduser().exists() and data != "demo"
     streaming = hub if streaming is None else (streaming or hub)
     ds, n = load_split(data, "train", streaming)
-    if ds is None or n == 0:
+    if ds is None:
         fail(f"no training split found in {data}")
+    if n == 0:
+        fail(f"cannot tell how many images {data}'s train split holds (its card lists no size): download it and pass "
+             "the local folder")
     if image_column not in (ds.column_names or [image_column]):
         fail(f"--image-column {image_column} is not a column of {data} (columns: {', '.join(ds.column_names)})")
     per_epoch = n // B
