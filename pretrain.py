@@ -223,7 +223,7 @@ def main(
     # 4. train
     output_dir.mkdir(parents=True, exist_ok=True)
     acc.init_trackers("pretrain", config={k_: v for k_, v in args.items() if isinstance(v, (int, float, str, bool))})
-    meta = dict(format="fastmoco-pretrain-v1", method=method.value, arch=arch, small_stem=small_stem,
+    meta = dict(format="fastmoco-pretrain-v1", method=method.value, arch=arch, small_stem=small_stem, world_size=world,
                 image_size=image_size, args=args, recipe=r, fastmoco_sha256=fm.source_hash())
     log = open(output_dir / "log.jsonl", "a") if acc.is_main_process else None
 
