@@ -89,7 +89,8 @@ def state_tensors(model, target, optimizer, queue, ptr, acc) -> dict:
 @app.command()
 def main(
     data: Annotated[str, typer.Option(help="Hub dataset name (streamed), local folder of parquet files / images, "
-                                           "a saved dataset, or 'demo' (built-in, no download).")] = "ILSVRC/imagenet-1k",
+                                           "a saved dataset, or 'demo' (built-in, no download).")
+                ] = "ILSVRC/imagenet-1k",
     method: Annotated[Method, typer.Option(help="Fast-MoCo (ECCV 2022), MoCo v3, v2 or v1.")] = Method.fastmoco,
     arch: Annotated[str, typer.Option(help=f"torchvision ResNet: {', '.join(fm.ARCHS)}.")] = "resnet50",
     image_size: Annotated[int, typer.Option(help="Crop size of the augmented views.")] = 224,
@@ -101,15 +102,18 @@ def main(
         help="Global batch (all processes). Recipe: fastmoco 512, mocov3 4096, mocov2/v1 256.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Recipe: fastmoco/mocov3 100, mocov2/v1 200.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
-        help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules still span --epochs.")] = None,
+        help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules span --epochs.")] = None,
     lr: Annotated[Optional[float], typer.Option(
-        help="Learning rate per 256 images (used: lr x batch/256). Recipe: fastmoco 0.05, mocov3 0.6, v2/v1 0.03.")] = None,
+        help="lr per 256 images (used: lr x batch/256). Recipe: fastmoco 0.05, mocov3 0.6, v2/v1 0.03.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3: 1e-6).")] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(help="Linear lr warmup. Recipe: fastmoco 1, mocov3 10.")] = None,
+    warmup_epochs: Annotated[Optional[int], typer.Option(
+        help="Linear lr warmup. Recipe: fastmoco 1, mocov3 10.")] = None,
     momentum: Annotated[Optional[float], typer.Option(
         help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), v2/v1 0.999.")] = None,
-    tau: Annotated[Optional[float], typer.Option(help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07.")] = None,
-    clip_grad: Annotated[Optional[float], typer.Option(help="Global grad-norm clip, 0 = off. Recipe: fastmoco 1.0.")] = None,
+    tau: Annotated[Optional[float], typer.Option(
+        help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07.")] = None,
+    clip_grad: Annotated[Optional[float], typer.Option(
+        help="Global grad-norm clip, 0 = off. Recipe: fastmoco 1.0.")] = None,
     queue_size: Annotated[int, typer.Option(help="MoCo v1/v2: number of negatives K in the queue.")] = 65536,
     output_dir: Annotated[Path, typer.Option(help="Checkpoints, log.jsonl and TensorBoard logs go here.")] = Path(
         "runs/pretrain"),
@@ -120,7 +124,8 @@ def main(
     log_every: Annotated[int, typer.Option(help="Sync and log the loss every N steps.")] = 20,
     knn_every: Annotated[int, typer.Option(
         help="kNN top-1 of the online backbone every N epochs on labelled local data (0 = off).")] = 0,
-    workers: Annotated[Optional[int], typer.Option(help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
+    workers: Annotated[Optional[int], typer.Option(
+        help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
     image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
     streaming: Annotated[Optional[bool], typer.Option(
         help="Stream the data (always for Hub names; off for local data unless set).")] = None,
@@ -138,8 +143,8 @@ def main(
         momentum=momentum, tau=tau, clip_grad=clip_grad).items() if v is not None}}
     small_stem = image_size <= 64 if small_stem is None else small_stem
     moco = method.value in ("mocov1", "mocov2")
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with="tensorboard" if tensorboard else None,
-                      project_dir=str(output_dir))
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value,
+                      log_with="tensorboard" if tensorboard else None, project_dir=str(output_dir))
     B, world = r["batch_size"], acc.num_processes
     if arch not in fm.ARCHS:
         fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
@@ -152,8 +157,8 @@ def main(
     smallest = image_size // grid if method == Method.fastmoco else image_size  # Fast-MoCo's online sees patches
     if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if small_stem else 16):
         # torch 2.14 CPU: the bf16 weight gradient of a stride-2 conv on a 1x1 input (layer4.0 here) is sometimes inf
-        fail(f"{smallest} px inputs reach layer4 at 1x1, where CPU bf16 gives non-finite gradients: use --mixed-precision "
-             "no, --small-stem, or a larger --image-size")
+        fail(f"{smallest} px inputs reach layer4 at 1x1, where CPU bf16 gives non-finite gradients: use "
+             "--mixed-precision no, --small-stem, or a larger --image-size")
     if resume is not None and not resume.is_file():
         fail(f"--resume {resume} does not exist")
 
@@ -217,8 +222,8 @@ def main(
         acc.scaler.load_state_dict({k_[7:]: v.item() for k_, v in tensors.items() if k_.startswith("scaler.")} or
                                    acc.scaler.state_dict())
     online = acc.unwrap_model(model)
-    loader = loader_for(ds, n, streaming, image_column, augmentations(r["aug"], image_size), B, acc.process_index, world,
-                        seed, step, stop, workers, pin=acc.device.type == "cuda")
+    loader = loader_for(ds, n, streaming, image_column, augmentations(r["aug"], image_size), B, acc.process_index,
+                        world, seed, step, stop, workers, pin=acc.device.type == "cuda")
 
     # 4. train
     output_dir.mkdir(parents=True, exist_ok=True)

@@ -727,7 +727,8 @@ def test_loss_decreases_on_fixed_batch(method):
     kw = {}
     if method in ("mocov2", "mocov1"):
         torch.manual_seed(9)
-        kw = dict(queue=torch.nn.functional.normalize(torch.randn(32, 128), dim=1), tau=0.2 if method == "mocov2" else 0.07)
+        queue = torch.nn.functional.normalize(torch.randn(32, 128), dim=1)
+        kw = dict(queue=queue, tau=0.2 if method == "mocov2" else 0.07)
     losses = _train(method, **kw)
     assert all(math.isfinite(v) for v in losses)
     assert min(losses[-3:]) < losses[0] - 0.05 * abs(losses[0]), losses
