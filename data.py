@@ -211,11 +211,14 @@ class StreamViews(torch.utils.data.IterableDataset):
         wid = info.id if info else 0
         for epoch in range(self.start_epoch, 10 ** 9):
             self.ds.set_epoch(epoch)
+            j = -1
             for j, ex in enumerate(self.ds):
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(sample_seed(self.seed, epoch, wid, j, fm.world()[0]))
                     img = ex[self.column].convert("RGB")
                     yield tuple(t(img) for t in self.transforms)
+            if j == -1:  # more workers than shards: this worker got none; end it rather than spin forever
+                return
 
 
 def loader_for(ds, n, streaming, column, transforms, batch, rank, world, seed, start, stop, workers, pin=False):

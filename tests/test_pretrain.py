@@ -122,7 +122,8 @@ def test_missing_data_path(tmp_path):
 
 def test_streaming_image_folder_and_saved_dataset(parquet, tmp_path):
     """The other local sources: parquet streamed, an image folder, a dataset saved with save_to_disk."""
-    run("--data", parquet, "--streaming", "--max-steps", 2, "--output-dir", tmp_path / "s")
+    # one parquet file = one shard, two workers: the worker without a shard must end, not hang
+    run("--data", parquet, "--streaming", "--workers", 2, "--max-steps", 2, "--output-dir", tmp_path / "s", timeout=300)
     folder = tmp_path / "images"
     for i, ex in enumerate(demo_dataset("test").select(range(16))):
         (folder / str(ex["label"])).mkdir(parents=True, exist_ok=True)
