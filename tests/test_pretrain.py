@@ -162,9 +162,10 @@ def test_bf16_autocast_run(parquet, tmp_path, method):
 
 
 def test_recipe_overrides_reach_the_schedules(parquet, tmp_path):
-    """--lr (per 256 images), --warmup-epochs, --momentum, --tau, --weight-decay, --clip-grad override the recipe."""
+    """--lr (per 256 images), --warmup-epochs, --momentum, --tau, --weight-decay, --clip-grad override the recipe
+    (with channels_last forced on in fp32, which the default leaves off on CPU)."""
     run("--data", parquet, "--epochs", 2, "--max-steps", 7, "--lr", 0.1, "--warmup-epochs", 1, "--momentum", 0.9,
-        "--tau", 0.5, "--weight-decay", 0.001, "--clip-grad", 2.0, "--output-dir", tmp_path)
+        "--tau", 0.5, "--weight-decay", 0.001, "--clip-grad", 2.0, "--channels-last", "--output-dir", tmp_path)
     rows, meta = read_log(tmp_path), fm.load_checkpoint(tmp_path / "ckpt.safetensors")[1]
     base = 0.1 * 8 / 256  # 48 images / batch 8 = 6 steps per epoch, warmup 6 steps from base/4 (Fast-MoCo)
     assert rows[0]["lr"] == pytest.approx(base * 0.25) and rows[6]["lr"] == pytest.approx(base)
