@@ -7,6 +7,7 @@ Every default is the method's published recipe (README, "Methods and recipes"); 
 """
 
 import json
+import math
 import os
 import time
 from enum import Enum
@@ -245,13 +246,18 @@ def main(
         if log:
             log.write(json.dumps(row) + "\n")
             log.flush()
-        acc.log({k_: v for k_, v in row.items() if k_ not in ("step",)}, step=step)
-        return row
+        acc.log({k_: v for k_, v in row.items() if k_ != "step"}, step=step)
+
+    def knn() -> float:
+        """Log kNN top-1 of the online backbone; returns the seconds it took (not training time)."""
+        t0 = time.perf_counter()
+        top1 = knn_top1(online.backbone, *knn_data, image_column, image_size, acc)
+        record(dict(knn_top1=top1, knn_seconds=time.perf_counter() - t0))
+        return time.perf_counter() - t0
 
     if knn_every and step == 0:
-        t0 = time.perf_counter()
-        record(dict(knn_top1=knn_top1(online.backbone, *knn_data, image_column, image_size, acc),
-                    knn_seconds=time.perf_counter() - t0))
+        knn()
+    warmup, milestones = r["warmup_epochs"] * per_epoch, [round(f * total) for f in r["milestones"]]
     running, t_log, s_log = torch.zeros((), device=acc.device), time.perf_counter(), step
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
@@ -260,8 +266,7 @@ def main(
         for x1, x2 in loader:
             x1 = x1.to(acc.device, non_blocking=True, memory_format=fmt)
             x2 = x2.to(acc.device, non_blocking=True, memory_format=fmt)
-            lr_now = fm.lr_at(step, total, base_lr, r["warmup_epochs"] * per_epoch, r["warmup_from"],
-                              [round(f * total) for f in r["milestones"]])
+            lr_now = fm.lr_at(step, total, base_lr, warmup, r["warmup_from"], milestones)
             m = fm.momentum_at(step, total, r["momentum"], r["cosine_momentum"])
             fm.set_lr(optimizer, lr_now)
             fm.ema_update(target.parameters(), fm.online_params(online), m)  # official order: before the forward
@@ -284,7 +289,7 @@ def main(
             running += loss.detach()
             if step % log_every == 0 or step == stop:  # the only host sync of the loop
                 mean = acc.reduce(running, "mean").item() / (step - s_log)
-                if not torch.isfinite(torch.tensor(mean)):
+                if not math.isfinite(mean):
                     fail(f"loss is {mean} at step {step}; the last checkpoint in {output_dir} is intact")
                 ips = (step - s_log) * B / (time.perf_counter() - t_log)
                 record(dict(loss=mean, lr=lr_now, m=m, img_per_s=round(ips, 1)))
@@ -293,10 +298,7 @@ def main(
                 t_log, s_log = time.perf_counter(), step
             progress.update(task, completed=step)
             if knn_every and step % (knn_every * per_epoch) == 0:
-                t0 = time.perf_counter()
-                record(dict(knn_top1=knn_top1(online.backbone, *knn_data, image_column, image_size, acc),
-                            knn_seconds=time.perf_counter() - t0))
-                t_log += time.perf_counter() - t0  # kNN time is not training time
+                t_log += knn()  # kNN time is not training time
             if save_every and step % save_every == 0 and step < stop:
                 save(output_dir / f"ckpt-{step:07d}.safetensors")
             if step >= stop:
