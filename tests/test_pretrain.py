@@ -198,3 +198,12 @@ def test_tensorboard_image_column_and_resume_mismatch(tmp_path):
     assert list((tmp_path / "r").rglob("events.out.tfevents.*"))
     p = run(*cmd, "--method", "mocov3", "--resume", tmp_path / "r/ckpt.safetensors", check=False)
     assert p.returncode == 1 and "is a fastmoco/resnet18 checkpoint" in p.stderr
+
+
+def test_seed_and_a_finer_grid(parquet, tmp_path):
+    """--seed changes init, order and views; --grid 4 --k 3 (C(16,3) = 560 combinations) trains too."""
+    run("--data", parquet, "--max-steps", 2, "--output-dir", tmp_path / "a")
+    run("--data", parquet, "--max-steps", 2, "--seed", 1, "--output-dir", tmp_path / "b")
+    assert [r["loss"] for r in read_log(tmp_path / "a")] != [r["loss"] for r in read_log(tmp_path / "b")]
+    run("--data", parquet, "--max-steps", 2, "--grid", 4, "--k", 3, "--output-dir", tmp_path / "g")
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path / "g"))
