@@ -237,3 +237,36 @@ def loader_for(ds, n, streaming, column, transforms, batch, rank, world, seed, s
         return torch.utils.data.DataLoader(views, batch_size=batch // world, drop_last=True, **kw)
     sampler = GlobalBatches(n, batch, rank, world, seed, start, stop)
     return torch.utils.data.DataLoader(Views(ds, column, transforms, seed), batch_sampler=sampler, **kw)
+
+
+# ----------------------------------------------------------------------------- labelled data (evaluation stages)
+
+def probe_transforms(size: int):
+    """(train, test) transforms of the linear / semi-supervised protocol (Fast-MoCo, SimSiam): train
+    RandomResizedCrop(size, bicubic) + flip, test Resize(size * 256/224) + CenterCrop(size). At 64 px and below
+    (CIFAR-style data) the train view is the usual CIFAR one instead: resize, random crop with size/8 padding, flip."""
+    tail = [v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if size <= 64:
+        head = [v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.RandomCrop(size, padding=size // 8)]
+    else:
+        head = [v2.RandomResizedCrop(size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True)]
+    return v2.Compose(head + tail), clean_transform(size)
+
+
+def with_labels(ds, column: str, transform, label: str = "label"):
+    """Examples {x: transformed image, y: label}: a lazy transform on map-style data, a lazy map on streamed data."""
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        return ds.map(lambda ex: {"x": transform(ex[column].convert("RGB")), "y": ex[label]},
+                      remove_columns=ds.column_names)
+    return ds.with_transform(lambda b: {"x": [transform(im.convert("RGB")) for im in b[column]], "y": b[label]})
+
+
+def num_classes(ds, label: str = "label") -> int:
+    """Classes of a labelled split: its ClassLabel feature, else (map-style data) the largest label + 1."""
+    feature = (ds.features or {}).get(label)
+    if hasattr(feature, "num_classes"):
+        return feature.num_classes
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        fail(f"cannot tell the number of classes of streamed data without a ClassLabel '{label}' column: "
+             "download it and pass the local folder")
+    return int(max(ds[label])) + 1

@@ -383,3 +383,28 @@ def load_optimizer_tensors(optimizer, tensors: dict):
         i, name = key.split(".", 1)
         state.setdefault(int(i), {})[name] = v
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
+
+
+def load_backbone(path, arch: str = None):
+    """(backbone, metadata) from a pretrain.py checkpoint (backbone.* keys) or plain torchvision ResNet weights in
+    safetensors (conv1.weight, ...; fc.* ignored), loaded strictly. The architecture comes from the metadata (`arch`
+    must then agree) or from `arch` (default resnet50); a 3x3 conv1 means the small stem. Raises ValueError with a
+    one-line reason for anything else."""
+    tensors, meta = load_checkpoint(path)
+    sd = prefixed(tensors, "backbone.") or {k: v for k, v in tensors.items() if not k.startswith("fc.")}
+    if "conv1.weight" not in sd:
+        raise ValueError(f"{path} holds no ResNet backbone (no backbone.conv1.weight or conv1.weight): pass a "
+                         "checkpoint written by pretrain.py or torchvision ResNet weights saved with safetensors")
+    saved = meta.get("arch")
+    if saved and arch and saved != arch:
+        raise ValueError(f"{path} is a {saved} checkpoint, not {arch}: pass --arch {saved} or leave it out")
+    arch = saved or arch or "resnet50"
+    small_stem = sd["conv1.weight"].shape[-1] == 3  # torchvision's stem is 7x7
+    net = resnet(arch, small_stem)
+    expected = net.state_dict()
+    bad = sorted(set(expected) ^ set(sd)) + [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
+    if bad:
+        raise ValueError(f"{path} does not fit a {arch} ({len(bad)} keys missing, extra or of another shape, e.g. "
+                         f"{bad[0]}): pass the --arch it was trained with")
+    net.load_state_dict(sd)
+    return net, dict(meta, arch=arch, small_stem=small_stem)

@@ -1,0 +1,248 @@
+"""Linear evaluation of a pretrained ResNet (Fast-MoCo / SimSiam protocol), and a weighted kNN classifier.
+
+    accelerate launch linear_probe.py runs/pretrain/ckpt.safetensors --data /data/imagenet-1k   # paper: 90 epochs
+    python linear_probe.py runs/pretrain/ckpt.safetensors --data demo --arch resnet18 --image-size 32 \
+        --batch-size 256 --epochs 30 --cached-features --knn                                   # minutes on a CPU
+
+The backbone is frozen (eval mode: BN statistics frozen too) and a linear classifier is trained on its pooled
+features; at the end the run checks that no backbone tensor changed. Writes DIR/linear.safetensors (`fc.weight`,
+`fc.bias`: torchvision's names, so backbone + fc load into a torchvision ResNet), DIR/log.jsonl and DIR/results.json.
+"""
+
+import itertools
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import typer
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import fastmoco as fm
+from data import fail, load_split, num_classes, probe_transforms, sample_seed, with_labels
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def labelled_splits(data: str, image_column: str, streaming: bool):
+    """(train, n_train, val, n_val, val split name) of labelled --data, or a one-line error."""
+    train, n = load_split(data, "train", streaming)
+    val, n_val, name = *load_split(data, "validation", streaming), "validation"
+    if val is None:
+        val, n_val, name = *load_split(data, "test", streaming), "test"
+    if train is None or val is None:
+        fail(f"{data} needs a train split and a validation or test split (e.g. train-*.parquet and test-*.parquet)")
+    for split, ds in (("train", train), (name, val)):
+        missing = [c for c in (image_column, "label") if c not in (ds.column_names or [])]
+        if missing:
+            fail(f"the {split} split of {data} has no {' or '.join(missing)} column: this stage needs labelled "
+                 f"images (columns {image_column}, label); it has {', '.join(ds.column_names or [])}")
+    return train, n, val, n_val, name
+
+
+@torch.no_grad()
+def encode(backbone, ds, column, transform, batch, workers, acc, progress, what):
+    """One clean pass over a split: pooled features (n, D) and labels (n,), gathered from every process."""
+    loader = acc.prepare(torch.utils.data.DataLoader(with_labels(ds, column, transform), batch_size=batch,
+                                                     num_workers=workers))
+    task = progress.add_task(f"encode {what}", total=len(loader) if hasattr(loader, "__len__") else None, info="")
+    feats, labels = [], []
+    for b in loader:
+        with acc.autocast():
+            f = backbone(b["x"])
+        f, y = acc.gather_for_metrics((f.float(), b["y"]))
+        feats.append(f)
+        labels.append(y)
+        progress.advance(task)
+    progress.remove_task(task)
+    return torch.cat(feats), torch.cat(labels)
+
+
+@torch.no_grad()
+def accuracy(logits, y, ks=(1, 5)):
+    """Top-k accuracies in percent. logits (n, C), y (n,)."""
+    top = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices  # (n, k)
+    hit = top == y[:, None]
+    return [100.0 * hit[:, :k].any(1).float().mean().item() for k in ks]
+
+
+@torch.no_grad()
+def knn_accuracy(train_f, train_y, val_f, val_y, classes, k, t, chunk=1024) -> float:
+    """Weighted kNN top-1 in percent (Wu et al. 2018): train features are the bank, queries in chunks."""
+    pred = torch.cat([fm.knn_predict(val_f[i:i + chunk], train_f, train_y, classes, k, t)
+                      for i in range(0, len(val_f), chunk)])
+    return 100.0 * (pred == val_y).float().mean().item()
+
+
+def check_frozen(backbone, reference: dict):
+    """The frozen-backbone self-check: every backbone tensor (weights and BN statistics) equals the loaded one."""
+    changed = [k for k, v in backbone.state_dict().items() if not torch.equal(v.cpu(), reference[k])]
+    if changed:
+        raise RuntimeError(f"the frozen backbone changed during training ({len(changed)} tensors, e.g. {changed[0]}); "
+                           "this is a bug: the results were not written")
+
+
+def cached_batches(feats, labels, batch, seed, epoch):
+    """One epoch of shuffled mini-batches of the cached features, in the same order on every process."""
+    perm = torch.randperm(len(feats), generator=torch.Generator().manual_seed(sample_seed(seed, epoch)))
+    for i in range(len(feats) // batch):
+        idx = perm[i * batch:(i + 1) * batch].to(feats.device)
+        yield feats[idx], labels[idx]
+
+
+def augmented_batches(backbone, loader, steps, acc):
+    """One epoch (`steps` batches) of augmented views encoded by the frozen backbone: (features, labels)."""
+    for b in itertools.islice(loader, steps):
+        with torch.no_grad(), acc.autocast():
+            f = backbone(b["x"].to(acc.device))
+        yield f.float(), b["y"].to(acc.device)
+
+
+@app.command()
+def main(
+    ckpt: Annotated[Path, typer.Argument(help="pretrain.py checkpoint, or torchvision ResNet weights (safetensors).")],
+    data: Annotated[str, typer.Option(help="Labelled data: Hub name (streamed), local folder with train-*.parquet and "
+                                           "validation-*/test-*.parquet (columns image, label), or 'demo'.")
+                    ] = "ILSVRC/imagenet-1k",
+    arch: Annotated[Optional[str], typer.Option(
+        help="torchvision ResNet. Default: the checkpoint's (which it must match), else resnet50.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(
+        help="Crop size. Default: the checkpoint's pretraining size, else 224 (test: Resize 256, CenterCrop 224).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Global batch. Paper: 4096.")] = 4096,
+    epochs: Annotated[int, typer.Option(help="Paper: 90.")] = 90,
+    lr: Annotated[float, typer.Option(
+        help="LARS lr per 256 images (used: lr x batch/256), cosine to 0. Paper: 0.05 (= 0.8 at batch 4096).")] = 0.05,
+    weight_decay: Annotated[float, typer.Option(help="Paper: 0.")] = 0.0,
+    cached_features: Annotated[bool, typer.Option(
+        help="Encode each image once without augmentation and train on the cached features (fast; not the paper's "
+             "augmented protocol).")] = False,
+    knn: Annotated[bool, typer.Option(help="Also report weighted kNN top-1 (clean train split as the bank).")] = False,
+    knn_k: Annotated[int, typer.Option(help="kNN neighbours.")] = 200,
+    knn_t: Annotated[float, typer.Option(help="kNN temperature.")] = 0.1,
+    output_dir: Annotated[Path, typer.Option(help="linear.safetensors, log.jsonl, results.json.")] = Path(
+        "runs/linear"),
+    seed: Annotated[int, typer.Option(help="Seeds the classifier init and the data order.")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = 4,
+    image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
+    streaming: Annotated[Optional[bool], typer.Option(
+        help="Stream the data (always for Hub names; off for local data unless set).")] = None,
+    mixed_precision: Annotated[Optional[Precision], typer.Option(
+        help="no, bf16 or fp16 for the backbone forward. Default: Accelerate's config.")] = None,
+):
+    """Linear probe (and kNN) of a frozen pretrained backbone; writes DIR/results.json."""
+    args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
+    # 1. checks before any work: the checkpoint, then the data
+    if arch is not None and arch not in fm.ARCHS:
+        fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    try:
+        backbone, meta = fm.load_backbone(ckpt, arch)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    image_size = image_size or meta.get("image_size") or 224
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
+    B, world = batch_size, acc.num_processes
+    if B % world:
+        fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
+    hub = not Path(data).expanduser().exists() and data != "demo"
+    streaming = hub if streaming is None else (streaming or hub)
+    train, n, val, n_val, val_name = labelled_splits(data, image_column, streaming)
+    if n // B == 0 and not cached_features:
+        fail(f"{data} has {n} training images, fewer than one batch of {B}: lower --batch-size")
+    classes = num_classes(train)
+
+    # 2. frozen backbone (eval mode: BN uses its pretrained statistics) and the linear classifier
+    torch.manual_seed(seed)
+    backbone.requires_grad_(False).eval().to(acc.device)
+    reference = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
+    fc = nn.Linear(backbone.dim, classes)
+    nn.init.normal_(fc.weight, std=0.01)  # as MoCo / SimSiam's lincls
+    nn.init.zeros_(fc.bias)
+    base_lr = lr * B / 256
+    optimizer = fm.LARS(fc.parameters(), lr=base_lr, weight_decay=weight_decay)  # SimSiam: LARS, trust 0.001
+    fc, optimizer = acc.prepare(fc.to(acc.device), optimizer)
+    train_tf, test_tf = probe_transforms(image_size)
+
+    # 3. features: the validation split once (the backbone is frozen and the test view deterministic), the clean
+    #    train split for --cached-features / --knn, otherwise a loader of augmented train views
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = open(output_dir / "log.jsonl", "w") if acc.is_main_process else None
+    with progress:
+        val_f, val_y = encode(backbone, val, image_column, test_tf, B // world, workers, acc, progress, val_name)
+        train_f = train_y = loader = None
+        if cached_features or knn:
+            train_f, train_y = encode(backbone, train, image_column, test_tf, B // world, workers, acc, progress,
+                                      "train")
+        if cached_features:
+            per_epoch = max(1, len(train_f) // B)
+            B = min(B, len(train_f))
+        else:
+            per_epoch = n // B
+            ds = with_labels(train.shuffle(seed=seed) if streaming else train, image_column, train_tf)
+            if streaming and world > 1:  # whole shards per process, as pretrain.py does (REFERENCE: 294 shards)
+                import datasets.distributed
+                ds = datasets.distributed.split_dataset_by_node(ds, acc.process_index, world)
+            loader = torch.utils.data.DataLoader(ds, batch_size=B // world, shuffle=not streaming, drop_last=True,
+                                                 num_workers=workers, persistent_workers=workers > 0)
+            loader = loader if streaming else acc.prepare(loader)
+
+        # 4. train the classifier: per-iteration cosine schedule, evaluate after every epoch
+        total, step, history = epochs * per_epoch, 0, []
+        task = progress.add_task("linear probe", total=total, info="")
+        for epoch in range(epochs):
+            if streaming and not cached_features:
+                ds.set_epoch(epoch)
+            elif loader is not None and hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            batches = (cached_batches(train_f, train_y, B, seed, epoch) if cached_features else
+                       augmented_batches(backbone, loader, per_epoch, acc))
+            for f, y in batches:
+                fm.set_lr(optimizer, fm.lr_at(step, total, base_lr))
+                loss = F.cross_entropy(fc(f), y)
+                optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                optimizer.step()
+                step += 1
+                progress.update(task, completed=step)
+            top1, top5 = accuracy(acc.unwrap_model(fc)(val_f), val_y)
+            history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
+            progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
+            if log:
+                log.write(json.dumps(history[-1]) + "\n")
+                log.flush()
+        knn_top1 = knn_accuracy(train_f, train_y, val_f, val_y, classes, knn_k, knn_t) if knn else None
+
+    # 5. self-check, then results: the LAST epoch's top-1/top-5 and the BEST top-1 over epochs (the official
+    #    Fast-MoCo solver reports the best)
+    check_frozen(backbone, reference)
+    best = max(history, key=lambda h: h["top1"])
+    results = dict(top1=history[-1]["top1"], top5=history[-1]["top5"], best_top1=best["top1"],
+                   best_top5=best["top5"], best_epoch=best["epoch"], epochs=epochs, train_images=n,
+                   val_images=len(val_y), val_split=val_name, classes=classes, arch=meta["arch"],
+                   small_stem=meta["small_stem"], image_size=image_size, cached_features=cached_features,
+                   checkpoint=str(ckpt), method=meta.get("method"))
+    if knn:
+        results.update(knn_top1=knn_top1, knn_k=knn_k, knn_t=knn_t)
+    if acc.is_main_process:
+        log.close()
+        fc_state = acc.unwrap_model(fc).state_dict()
+        fm.save_checkpoint(output_dir / "linear.safetensors", {f"fc.{k}": v for k, v in fc_state.items()},
+                           dict(format="fastmoco-linear-v1", args=args, results=results))
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1") + (("knn_top1",) if knn else ())}))
+
+
+if __name__ == "__main__":
+    app()
