@@ -1,0 +1,240 @@
+"""Semi-supervised fine-tuning of a pretrained ResNet on 1% or 10% of the labels (Fast-MoCo paper, Table 2).
+
+    accelerate launch semisup.py runs/pretrain/ckpt.safetensors --data /data/imagenet-1k --fraction 0.01
+    accelerate launch semisup.py ckpt.safetensors --data /data/imagenet-1k --subset-file 1percent.txt \
+        --id-column image                                                  # SimCLR's published 1% list
+    python semisup.py ckpt.safetensors --data demo --arch resnet18 --image-size 32 --fraction 0.1 --batch-size 64
+
+The whole network (backbone + a new linear classifier) is fine-tuned on a labelled subset of the train split and
+evaluated on the FULL validation split. A sibling of linear_probe.py: same data handling, the backbone trains.
+Writes DIR/finetuned.safetensors (a torchvision ResNet state dict with fc), DIR/log.jsonl and DIR/results.json.
+"""
+
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import typer
+from accelerate import Accelerator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+import fastmoco as fm
+from data import fail, load_split, num_classes, probe_transforms, with_labels
+
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+# Paper Appendix B.3 decays the lrs by 0.2 at two points without saying where: we use 60% and 80% of the run.
+MILESTONES, GAMMA = (0.6, 0.8), 0.2
+
+
+class Precision(str, Enum):
+    no = "no"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+def labelled_splits(data: str, image_column: str):
+    """(train, val, val split name) of labelled local --data (map-style: a subset needs random access)."""
+    train, _ = load_split(data, "train", False)
+    val, _, name = *load_split(data, "validation", False), "validation"
+    if val is None:
+        val, _, name = *load_split(data, "test", False), "test"
+    if train is None or val is None:
+        fail(f"{data} needs a train split and a validation or test split (e.g. train-*.parquet and test-*.parquet)")
+    if isinstance(train, torch.utils.data.IterableDataset):
+        fail(f"{data} is streamed, but a labelled subset needs random access: download it and pass the local folder")
+    for split, ds in (("train", train), (name, val)):
+        missing = [c for c in (image_column, "label") if c not in (ds.column_names or [])]
+        if missing:
+            fail(f"the {split} split of {data} has no {' or '.join(missing)} column: this stage needs labelled "
+                 f"images (columns {image_column}, label); it has {', '.join(ds.column_names or [])}")
+    return train, val, name
+
+
+def balanced_subset(labels, fraction: float, seed: int) -> list:
+    """Deterministic class-balanced subset: round(fraction * n_c) (at least 1) rows of every class c, drawn by a
+    permutation seeded with `seed`. Returns sorted row indices."""
+    labels = torch.as_tensor(labels)
+    g = torch.Generator().manual_seed(seed)
+    keep = []
+    for c in labels.unique().tolist():
+        rows = (labels == c).nonzero().flatten()
+        take = max(1, round(fraction * len(rows)))
+        keep += rows[torch.randperm(len(rows), generator=g)[:take]].tolist()
+    return sorted(keep)
+
+
+def subset_from_file(path: Path, ds, id_column: Optional[str], image_column: str) -> list:
+    """Rows named by a subset file, one id per line (SimCLR's 1% / 10% ImageNet lists name image files, e.g.
+    n01440764_10026.JPEG). With --id-column, a line names the row whose value in that column, or its file name,
+    equals it (for the image column: the stored image's file name); without, a line is a row index (0-based)."""
+    import datasets
+
+    if not path.is_file():
+        fail(f"--subset-file {path} does not exist")
+    ids = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if id_column is None:
+        if not all(i.isdigit() for i in ids):
+            fail(f"{path} holds names, not row numbers: pass --id-column COLUMN (e.g. --id-column {image_column})")
+        rows = sorted({int(i) for i in ids})
+        if rows and rows[-1] >= len(ds):
+            fail(f"{path} names row {rows[-1]}, but the train split has {len(ds)} rows (numbered from 0)")
+        return rows
+    if id_column not in ds.column_names:
+        fail(f"--id-column {id_column} is not a column of the train split ({', '.join(ds.column_names)})")
+    col = ds.cast_column(id_column, datasets.Image(decode=False)) if id_column == image_column else ds
+    index = {}
+    for r, v in enumerate(col[id_column]):
+        v = str(v["path"] if isinstance(v, dict) else v)
+        index[v] = index[Path(v).name] = r
+    missing = [i for i in ids if i not in index]
+    if missing:
+        fail(f"{len(missing)} of the {len(ids)} ids in {path} are not in column {id_column} (e.g. {missing[0]})")
+    return sorted({index[i] for i in ids})
+
+
+@torch.no_grad()
+def evaluate(net, ds, column, transform, batch, workers, acc):
+    """Top-1 / top-5 in percent of the whole network on one clean pass over a split (all processes)."""
+    net.eval()
+    loader = acc.prepare(torch.utils.data.DataLoader(with_labels(ds, column, transform), batch_size=batch,
+                                                     num_workers=workers))
+    logits, labels = [], []
+    for b in loader:
+        with acc.autocast():
+            out = net(b["x"])
+        out, y = acc.gather_for_metrics((out.float(), b["y"]))
+        logits.append(out)
+        labels.append(y)
+    net.train()
+    logits, y = torch.cat(logits), torch.cat(labels)
+    top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (n, 5)
+    return [100.0 * (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in (1, 5)]
+
+
+@app.command()
+def main(
+    ckpt: Annotated[Path, typer.Argument(help="pretrain.py checkpoint, or torchvision ResNet weights (safetensors).")],
+    data: Annotated[str, typer.Option(help="Labelled local data: folder with train-*.parquet and validation-*/test-*."
+                                           "parquet (columns image, label), an image folder, or 'demo'.")
+                    ] = "ILSVRC/imagenet-1k",
+    fraction: Annotated[float, typer.Option(
+        help="Labelled fraction of the train split, drawn class-balanced and seeded (ignored with --subset-file). "
+             "Paper: 0.01 and 0.1.")] = 0.01,
+    subset_file: Annotated[Optional[Path], typer.Option(
+        help="Labelled subset, one id per line (e.g. SimCLR's 1percent.txt); see --id-column.")] = None,
+    id_column: Annotated[Optional[str], typer.Option(
+        help="Column the subset file's ids refer to (the image column: its file names). None: ids are row numbers.")
+    ] = None,
+    arch: Annotated[Optional[str], typer.Option(
+        help="torchvision ResNet. Default: the checkpoint's (which it must match), else resnet50.")] = None,
+    image_size: Annotated[Optional[int], typer.Option(
+        help="Crop size. Default: the checkpoint's pretraining size, else 224.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Global batch. Paper: 256.")] = 256,
+    epochs: Annotated[Optional[int], typer.Option(help="Paper: 60 for 1% of the labels, 20 for 10%.")] = None,
+    lr_head: Annotated[float, typer.Option(help="lr of the linear classifier. Paper: 0.05.")] = 0.05,
+    lr_backbone: Annotated[Optional[float], typer.Option(
+        help="lr of the backbone. Paper (as printed): 0 for 1%, 1e-6 for 10%.")] = None,
+    output_dir: Annotated[Path, typer.Option(help="finetuned.safetensors, log.jsonl, results.json.")] = Path(
+        "runs/semisup"),
+    seed: Annotated[int, typer.Option(help="Seeds the subset, the classifier init and the data order.")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = 4,
+    image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
+    mixed_precision: Annotated[Optional[Precision], typer.Option(
+        help="no, bf16 or fp16. Default: Accelerate's config.")] = None,
+):
+    """Fine-tune a pretrained backbone and a linear classifier on a labelled subset; writes DIR/results.json."""
+    args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
+    # 1. checks before any work: the checkpoint, the data, the subset
+    if arch is not None and arch not in fm.ARCHS:
+        fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    if subset_file is None and not 0 < fraction <= 1:
+        fail(f"--fraction {fraction} must be in (0, 1]")
+    try:
+        net, meta = fm.load_backbone(ckpt, arch)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    image_size = image_size or meta.get("image_size") or 224
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
+    B, world = batch_size, acc.num_processes
+    if B % world:
+        fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
+    train, val, val_name = labelled_splits(data, image_column)
+    classes = num_classes(train)
+    rows = (subset_from_file(subset_file, train, id_column, image_column) if subset_file else
+            balanced_subset(train["label"], fraction, seed))
+    labelled = len(rows) / len(train)
+    epochs = epochs or (60 if labelled <= 0.05 else 20)  # paper: 1% -> 60 epochs, 10% -> 20
+    lr_backbone = (0.0 if labelled <= 0.05 else 1e-6) if lr_backbone is None else lr_backbone
+    if len(rows) < B:
+        fail(f"the labelled subset has {len(rows)} images, fewer than one batch of {B}: lower --batch-size")
+
+    # 2. model: the pretrained backbone plus a new classifier (torchvision's fc), both trained, BN in train mode
+    torch.manual_seed(seed)
+    net.fc = nn.Linear(net.dim, classes)
+    nn.init.normal_(net.fc.weight, std=0.01)
+    nn.init.zeros_(net.fc.bias)
+    head = set(map(id, net.fc.parameters()))
+    groups = [dict(params=[p for p in net.parameters() if id(p) not in head], base_lr=lr_backbone),
+              dict(params=list(net.fc.parameters()), base_lr=lr_head)]
+    # paper Appendix B.3: SGD, Nesterov momentum 0.9, no weight decay, no gradient clipping
+    optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=0.9, nesterov=True, weight_decay=0.0)
+    train_tf, test_tf = probe_transforms(image_size)
+    loader = torch.utils.data.DataLoader(with_labels(train.select(rows), image_column, train_tf), batch_size=B // world,
+                                         shuffle=True, drop_last=True, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    model, optimizer, loader = acc.prepare(net.to(acc.device), optimizer, loader)
+
+    # 3. fine-tune: lrs x0.2 at two points (per iteration), evaluate on the full validation split after each epoch
+    per_epoch = len(loader)
+    total, step, history = epochs * per_epoch, 0, []
+    milestones = [round(f * total) for f in MILESTONES]
+    output_dir.mkdir(parents=True, exist_ok=True)
+    log = open(output_dir / "log.jsonl", "w") if acc.is_main_process else None
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
+    with progress:
+        task = progress.add_task(f"fine-tune on {len(rows)} labels", total=total, info="")
+        for epoch in range(epochs):
+            if hasattr(loader, "set_epoch"):
+                loader.set_epoch(epoch)
+            for b in loader:
+                for g in optimizer.param_groups:
+                    g["lr"] = fm.lr_at(step, total, g["base_lr"], milestones=milestones, gamma=GAMMA)
+                with acc.autocast():
+                    loss = F.cross_entropy(model(b["x"]), b["y"])
+                optimizer.zero_grad(set_to_none=True)
+                acc.backward(loss)
+                optimizer.step()
+                step += 1
+                progress.update(task, completed=step)
+            top1, top5 = evaluate(model, val, image_column, test_tf, B // world, workers, acc)
+            history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
+            progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
+            if log:
+                log.write(json.dumps(history[-1]) + "\n")
+                log.flush()
+
+    # 4. results: LAST epoch's top-1/top-5 on the full validation split, and the BEST top-1 over epochs
+    best = max(history, key=lambda h: h["top1"])
+    results = dict(top1=history[-1]["top1"], top5=history[-1]["top5"], best_top1=best["top1"],
+                   best_top5=best["top5"], best_epoch=best["epoch"], epochs=epochs, labelled_images=len(rows),
+                   labelled_fraction=labelled, subset_file=subset_file and str(subset_file), train_images=len(train),
+                   val_images=len(val), val_split=val_name, classes=classes, lr_head=lr_head,
+                   lr_backbone=lr_backbone, arch=meta["arch"], small_stem=meta["small_stem"], image_size=image_size,
+                   checkpoint=str(ckpt), method=meta.get("method"))
+    if acc.is_main_process:
+        log.close()
+        fm.save_checkpoint(output_dir / "finetuned.safetensors", acc.unwrap_model(model).state_dict(),
+                           dict(format="fastmoco-semisup-v1", arch=meta["arch"], small_stem=meta["small_stem"],
+                                image_size=image_size, args=args, results=results, subset=rows))
+        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1", "labelled_images")}))
+
+
+if __name__ == "__main__":
+    app()
