@@ -36,6 +36,9 @@ class Precision(str, Enum):
 
 def labelled_splits(data: str, image_column: str, streaming: bool):
     """(train, n_train, val, n_val, val split name) of labelled --data, or a one-line error."""
+    import datasets
+
+    datasets.disable_progress_bars()  # stderr stays clean for a one-line error; our rich bars show the work
     train, n = load_split(data, "train", streaming)
     val, n_val, name = *load_split(data, "validation", streaming), "validation"
     if val is None:

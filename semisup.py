@@ -39,6 +39,9 @@ class Precision(str, Enum):
 
 def labelled_splits(data: str, image_column: str):
     """(train, val, val split name) of labelled local --data (map-style: a subset needs random access)."""
+    import datasets
+
+    datasets.disable_progress_bars()  # stderr stays clean for a one-line error; our rich bars show the work
     train, _ = load_split(data, "train", False)
     val, _, name = *load_split(data, "validation", False), "validation"
     if val is None:

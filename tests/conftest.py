@@ -1,0 +1,46 @@
+"""Shared fixtures of the evaluation-stage tests: small labelled parquet data and one tiny pretrain.py checkpoint per
+method, made once per session."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("fastmoco", "mocov3", "mocov2", "mocov1")
+
+
+def stage(script, *args, check=True, timeout=600):
+    """python SCRIPT ARGS (a stage script at the repository root, or under transfer/) -> CompletedProcess."""
+    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+                       env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"})
+    if check and p.returncode:
+        raise AssertionError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def labelled(tmp_path_factory):
+    """A Hugging Face style folder: train-*.parquet (48 demo images) and test-*.parquet (20), columns image, label."""
+    from data import demo_dataset
+
+    d = tmp_path_factory.mktemp("labelled")
+    demo_dataset("train").select(range(48)).to_parquet(str(d / "train-00000-of-00001.parquet"))
+    demo_dataset("test").select(range(20)).to_parquet(str(d / "test-00000-of-00001.parquet"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def pretrained(labelled, tmp_path_factory):
+    """{method: checkpoint} of one pretrain.py step each (resnet18, standard stem, 32 px)."""
+    out = {}
+    for method in METHODS:
+        d = tmp_path_factory.mktemp(method)
+        stage("pretrain.py", "--data", labelled, "--method", method, "--arch", "resnet18", "--image-size", 32,
+              "--no-small-stem", "--batch-size", 8, "--queue-size", 16, "--max-steps", 1, "--workers", 0,
+              "--no-tensorboard", "--output-dir", d)
+        out[method] = d / "ckpt.safetensors"
+    return out
