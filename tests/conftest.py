@@ -35,12 +35,23 @@ def labelled(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def pretrained(labelled, tmp_path_factory):
-    """{method: checkpoint} of one pretrain.py step each (resnet18, standard stem, 32 px)."""
-    out = {}
+    """{method: checkpoint} of one pretrain.py step each (resnet18, standard stem, 32 px), the four runs at once."""
+    runs = {}
     for method in METHODS:
         d = tmp_path_factory.mktemp(method)
-        stage("pretrain.py", "--data", labelled, "--method", method, "--arch", "resnet18", "--image-size", 32,
-              "--no-small-stem", "--batch-size", 8, "--queue-size", 16, "--max-steps", 1, "--workers", 0,
-              "--no-tensorboard", "--output-dir", d)
-        out[method] = d / "ckpt.safetensors"
-    return out
+        cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(labelled), "--method", method, "--arch",
+               "resnet18", "--image-size", "32", "--no-small-stem", "--batch-size", "8", "--queue-size", "16",
+               "--max-steps", "1", "--workers", "0", "--no-tensorboard", "--output-dir", str(d)]
+        runs[method] = d, subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                           env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no",
+                                                "OMP_NUM_THREADS": "1"})
+    for method, (d, p) in runs.items():
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, f"pretrain.py {method} failed:\n{out[-2000:]}\n{err[-4000:]}"
+    return {method: d / "ckpt.safetensors" for method, (d, _) in runs.items()}
+
+
+def call(module, *args, **options):
+    """module.main(*args, **options) in this process (typer leaves `main` a plain function): no interpreter start-up
+    per run. A one-line error (data.fail) comes back as SystemExit."""
+    return module.main(*args, **options)

@@ -5,6 +5,7 @@ import json
 import math
 import pickle
 import random
+import re
 
 import datasets
 import pytest
@@ -14,9 +15,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import fastmoco as fm
+from data import clean_transform
 import linear_probe
 import semisup
-from conftest import METHODS, stage
+from conftest import METHODS, call, stage
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 128, 128),
            (255, 128, 0)]
@@ -40,23 +42,30 @@ def torchvision_weights(path, arch="resnet18"):
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_each_method_through_linear_probe_and_semisup(labelled, pretrained, tmp_path, method):
+def test_each_method_through_linear_probe_and_semisup(labelled, pretrained, tmp_path, method, monkeypatch):
+    """In process (main() called directly) to save interpreter start-ups; the subprocess path is tested below."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     ckpt = pretrained[method]
     # the paper's augmented protocol for one method, the cached-features mode for the others
-    mode = [] if method == "fastmoco" else ["--cached-features"]
-    stage("linear_probe.py", ckpt, "--data", labelled, "--batch-size", 16, "--epochs", 2, "--workers", 0, "--knn",
-          "--output-dir", tmp_path / "lin", *mode)
+    cached = method != "fastmoco"
+    call(linear_probe, ckpt, data=str(labelled), batch_size=16, epochs=2, workers=0, knn=True,
+         output_dir=tmp_path / "lin", cached_features=cached)
     r = json.loads((tmp_path / "lin/results.json").read_text())
     assert r["method"] == method and r["arch"] == "resnet18" and r["image_size"] == 32 and r["val_images"] == 20
-    assert r["cached_features"] == bool(mode) and r["best_top1"] >= r["top1"]
+    assert r["cached_features"] == cached and r["best_top1"] >= r["top1"]
     assert all(0 <= r[k] <= 100 for k in ("top1", "top5", "best_top1", "knn_top1")) and r["top5"] >= r["top1"]
     # backbone + the probe's fc load strictly into a torchvision ResNet-18 and reproduce the reported accuracy
     net = torchvision.models.resnet18(num_classes=10)
     fc, _ = fm.load_checkpoint(tmp_path / "lin/linear.safetensors")
     net.load_state_dict({**fm.prefixed(fm.load_checkpoint(ckpt)[0], "backbone."), **fc})
+    test = datasets.load_dataset("parquet", data_dir=str(labelled), split="test")
+    x = torch.stack([clean_transform(32)(im.convert("RGB")) for im in test["image"]])
+    with torch.no_grad():
+        top1 = 100.0 * (net.eval()(x).argmax(1) == torch.tensor(test["label"])).float().mean().item()
+    assert top1 == pytest.approx(r["top1"], abs=1e-4)
 
-    stage("semisup.py", ckpt, "--data", labelled, "--fraction", 0.25, "--batch-size", 8, "--epochs", 1,
-          "--lr-backbone", 0.01, "--workers", 0, "--output-dir", tmp_path / "semi")
+    call(semisup, ckpt, data=str(labelled), fraction=0.25, batch_size=8, epochs=1, lr_backbone=0.01, workers=0,
+         output_dir=tmp_path / "semi")
     r = json.loads((tmp_path / "semi/results.json").read_text())  # demo labels i % 10: 1 of every class
     assert r["labelled_images"] == 10 and r["val_images"] == 20 and 0 <= r["top1"] <= r["top5"] <= 100
     tensors, meta = fm.load_checkpoint(tmp_path / "semi/finetuned.safetensors")
@@ -166,21 +175,27 @@ class Payload:
 
 
 @pytest.mark.parametrize("script", ["linear_probe.py", "semisup.py"])
-@pytest.mark.parametrize("case", ["pickle", "arch", "torchvision-arch", "unlabelled", "not-a-resnet"])
-def test_bad_inputs_get_one_line_errors(labelled, pretrained, tmp_path, script, case):
-    if script == "semisup.py" and case in ("torchvision-arch", "not-a-resnet"):
-        pytest.skip("the same fm.load_backbone path as linear_probe.py")
-    ckpt, data, extra = pretrained["fastmoco"], labelled, []
-    if case == "pickle":  # a torch.save-style pickle: refused as not safetensors, never unpickled
-        ckpt = tmp_path / "model.pt"
-        ckpt.write_bytes(pickle.dumps({"state_dict": Payload(tmp_path / "unpickled")}))
-        words = "is not a readable safetensors checkpoint"
-    elif case == "arch":
-        extra, words = ["--arch", "resnet50"], "is a resnet18 checkpoint, not resnet50: pass --arch resnet18"
+def test_pickle_is_refused_unread_with_a_one_line_error(labelled, tmp_path, script):
+    """A torch.save-style pickle: refused as not safetensors, never unpickled, exactly one line on stderr."""
+    ckpt = tmp_path / "model.pt"
+    ckpt.write_bytes(pickle.dumps({"state_dict": Payload(tmp_path / "unpickled")}))
+    p = stage(script, ckpt, "--data", labelled, "--workers", 0, "--output-dir", tmp_path / "out", check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1 and "is not a readable safetensors checkpoint" in err[0], p.stderr
+    assert not (tmp_path / "unpickled").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("module", [linear_probe, semisup], ids=["linear_probe", "semisup"])
+@pytest.mark.parametrize("case", ["arch", "torchvision-arch", "unlabelled", "not-a-resnet"])
+def test_bad_inputs_get_one_line_errors(labelled, pretrained, tmp_path, module, case, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    ckpt, data, extra = pretrained["fastmoco"], labelled, {}
+    if case == "arch":
+        extra, words = dict(arch="resnet50"), "is a resnet18 checkpoint, not resnet50: pass --arch resnet18"
     elif case == "torchvision-arch":
         ckpt = tmp_path / "tv.safetensors"
         torchvision_weights(ckpt)
-        extra, words = ["--arch", "resnet50"], "does not fit a resnet50"
+        extra, words = dict(arch="resnet50"), "does not fit a resnet50"
     elif case == "not-a-resnet":
         ckpt = tmp_path / "other.safetensors"
         save_file({"encoder.weight": torch.zeros(2, 2)}, str(ckpt))
@@ -191,8 +206,8 @@ def test_bad_inputs_get_one_line_errors(labelled, pretrained, tmp_path, script, 
             str(data / "train-0.parquet"))
         datasets.load_dataset("parquet", data_dir=str(labelled), split="test").to_parquet(str(data / "test-0.parquet"))
         words = "the train split of .* has no label column: this stage needs labelled images"
-    p = stage(script, ckpt, "--data", data, "--workers", 0, "--output-dir", tmp_path / "out", *extra, check=False)
-    err = p.stderr.strip().splitlines()
-    assert p.returncode == 1 and len(err) == 1 and err[0].startswith("error: "), p.stderr
-    assert __import__("re").search(words, err[0]), err[0]
-    assert not (tmp_path / "unpickled").exists() and not (tmp_path / "out/results.json").exists()
+    with pytest.raises(SystemExit) as e:
+        call(module, ckpt, data=str(data), workers=0, output_dir=tmp_path / "out", **extra)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and re.search(words, msg), msg
+    assert not (tmp_path / "out").exists()
