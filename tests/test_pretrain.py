@@ -141,6 +141,7 @@ def test_knn_monitor_does_not_change_training(parquet, tmp_path):
     a, b = read_log(tmp_path / "a"), read_log(tmp_path / "b")
     knn = [r for r in b if "knn_top1" in r]
     assert [r["step"] for r in knn] == [0, 6, 12] and all(0 <= r["knn_top1"] <= 100 for r in knn)
+    assert all(r["knn_seconds"] > 0 and "loss" not in r for r in knn)  # logged apart from the training rows
     assert [r["loss"] for r in a] == [r["loss"] for r in b if "loss" in r]
 
 

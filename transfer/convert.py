@@ -14,7 +14,7 @@ import pickle
 import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -46,12 +46,14 @@ def to_detectron2(state_dict: dict) -> dict:
 def main(
     ckpt: Annotated[Path, typer.Argument(help="pretrain.py checkpoint, or torchvision ResNet weights (safetensors).")],
     output: Annotated[Path, typer.Argument(help="detectron2 weights to write (.pkl): MODEL.WEIGHTS in the configs.")],
+    arch: Annotated[Optional[str], typer.Option(
+        help="torchvision ResNet. Default: the checkpoint's (which it must match), else resnet50.")] = None,
 ):
     """Write CKPT's backbone as detectron2 weights (MoCo's convention)."""
     if output.suffix != ".pkl":
         fail(f"{output} must end in .pkl: detectron2 reads its own weight format only from .pkl files")
     try:
-        net, meta = fm.load_backbone(ckpt)
+        net, meta = fm.load_backbone(ckpt, arch)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if meta["small_stem"]:

@@ -41,24 +41,24 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 # ----------------------------------------------------------------------------- data: everything becomes a COCO dict
 
 def voc_to_coco(root: Path, split: str) -> dict:
-    """A VOC split as a COCO-style dict; boxes from VOC's 1-based inclusive pixels to COCO [x, y, w, h]."""
+    """A VOC split as a COCO-style dict; boxes from VOC's 1-based inclusive pixels to COCO [x, y, w, h]. Classes: the
+    20 VOC classes in their usual order when every name is one of them, else the names in order of appearance."""
     ids = (root / "ImageSets" / "Main" / f"{split}.txt").read_text().split()
-    names = list(VOC_CLASSES)
-    images, anns = [], []
+    images, objects = [], []
     for i, name in enumerate(ids):
         tree = ET.parse(root / "Annotations" / f"{name}.xml").getroot()
         size = tree.find("size")
         images.append(dict(id=i, file_name=str(root / "JPEGImages" / f"{name}.jpg"),
                            width=int(size.find("width").text), height=int(size.find("height").text)))
         for obj in tree.findall("object"):
-            cls = obj.find("name").text.strip()
-            if cls not in names:
-                names.append(cls)  # a VOC-format set with its own classes
             b = [float(obj.find("bndbox").find(t).text) for t in ("xmin", "ymin", "xmax", "ymax")]
             difficult = obj.find("difficult") is not None and obj.find("difficult").text.strip() == "1"
-            anns.append(dict(id=len(anns) + 1, image_id=i, category_id=names.index(cls) + 1, iscrowd=int(difficult),
-                             bbox=[b[0] - 1, b[1] - 1, b[2] - b[0] + 1, b[3] - b[1] + 1],
-                             area=(b[2] - b[0] + 1) * (b[3] - b[1] + 1)))
+            objects.append((i, obj.find("name").text.strip(), b, difficult))
+    names = list(dict.fromkeys(o[1] for o in objects))
+    names = list(VOC_CLASSES) if set(names) <= set(VOC_CLASSES) else names
+    anns = [dict(id=j + 1, image_id=i, category_id=names.index(cls) + 1, iscrowd=int(difficult),  # difficult: ignored
+                 bbox=[b[0] - 1, b[1] - 1, b[2] - b[0] + 1, b[3] - b[1] + 1], area=(b[2] - b[0] + 1) * (b[3] - b[1] + 1))
+            for j, (i, cls, b, difficult) in enumerate(objects)]
     return dict(images=images, annotations=anns, categories=[dict(id=j + 1, name=n) for j, n in enumerate(names)])
 
 
