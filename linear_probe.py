@@ -58,7 +58,8 @@ def encode(backbone, ds, column, transform, batch, workers, acc, progress, what)
     """One clean pass over a split: pooled features (n, D) and labels (n,), gathered from every process."""
     loader = acc.prepare(torch.utils.data.DataLoader(with_labels(ds, column, transform), batch_size=batch,
                                                      num_workers=workers))
-    task = progress.add_task(f"encode {what}", total=len(loader) if hasattr(loader, "__len__") else None, info="")
+    streamed = isinstance(ds, torch.utils.data.IterableDataset)  # no length to show
+    task = progress.add_task(f"encode {what}", total=None if streamed else len(loader), info="")
     feats, labels = [], []
     for b in loader:
         with acc.autocast():

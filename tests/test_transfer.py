@@ -197,6 +197,21 @@ def test_voc_and_coco_sources_agree(detection_data):
     assert [c["name"] for c in merged["categories"]] == [c["name"] for c in a["categories"]]
 
 
+def test_voc_class_names_give_the_20_voc_classes(tmp_path):
+    """A VOC-format set whose names are all VOC classes keeps VOC's 20 classes in their usual order (VOC07 and VOC12
+    then agree); 'dog' is class 12, 'aeroplane' class 1."""
+    for sub in ("Annotations", "ImageSets/Main"):
+        (tmp_path / sub).mkdir(parents=True)
+    (tmp_path / "ImageSets/Main/test.txt").write_text("a\n")
+    (tmp_path / "Annotations/a.xml").write_text(
+        "<annotation><size><width>10</width><height>8</height></size><object><name>dog</name><difficult>1</difficult>"
+        "<bndbox><xmin>1</xmin><ymin>2</ymin><xmax>5</xmax><ymax>8</ymax></bndbox></object></annotation>")
+    d = detect.read_source(f"{tmp_path}:test")
+    assert [c["name"] for c in d["categories"]] == list(detect.VOC_CLASSES) and len(d["categories"]) == 20
+    (a,) = d["annotations"]
+    assert a["category_id"] == 12 and a["bbox"] == [0, 1, 5, 7] and a["iscrowd"] == 1  # difficult: ignored
+
+
 class Oracle(torch.nn.Module):
     """A 'detector' that returns given boxes per image, in dataset order (for testing the mAP wiring)."""
 
