@@ -236,7 +236,7 @@ def main(
                    best_top5=best["top5"], best_epoch=best["epoch"], epochs=epochs, train_images=n,
                    val_images=len(val_y), val_split=val_name, classes=classes, arch=meta["arch"],
                    small_stem=meta["small_stem"], image_size=image_size, cached_features=cached_features,
-                   checkpoint=str(ckpt), method=meta.get("method"))
+                   checkpoint=str(ckpt), method=meta.get("method"), world_size=world)
     if knn:
         results.update(knn_top1=knn_top1, knn_k=knn_k, knn_t=knn_t)
     if acc.is_main_process:

@@ -3,6 +3,9 @@ subset rules, and one-line errors for bad inputs."""
 
 import json
 import math
+import os
+import subprocess
+import sys
 import pickle
 import random
 import re
@@ -18,7 +21,7 @@ import fastmoco as fm
 from data import clean_transform
 import linear_probe
 import semisup
-from conftest import METHODS, call, stage
+from conftest import METHODS, ROOT, call, stage
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 128, 128),
            (255, 128, 0)]
@@ -211,3 +214,24 @@ def test_bad_inputs_get_one_line_errors(labelled, pretrained, tmp_path, module, 
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg and re.search(words, msg), msg
     assert not (tmp_path / "out").exists()
+
+
+def test_two_processes_equal_one(labelled, pretrained, tmp_path):
+    """`accelerate launch` on 2 CPU processes (gloo), cached features: every image is encoded exactly once across the
+    processes (gather_for_metrics drops the padding), so the classifier, its accuracy and kNN equal one process's."""
+    common = [pretrained["mocov3"], "--data", labelled, "--batch-size", 16, "--epochs", 3, "--workers", 0,
+              "--cached-features", "--knn"]
+    stage("linear_probe.py", *common, "--output-dir", tmp_path / "one")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29651",
+           str(ROOT / "linear_probe.py"), *map(str, common), "--output-dir", str(tmp_path / "two")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    one, two = (json.loads((tmp_path / d / "results.json").read_text()) for d in ("one", "two"))
+    assert one["world_size"] == 1 and two["world_size"] == 2 and two["val_images"] == 20
+    for k in ("top1", "top5", "best_top1", "knn_top1"):
+        assert two[k] == pytest.approx(one[k], abs=1e-4), k
+    a, _ = fm.load_checkpoint(tmp_path / "one/linear.safetensors")
+    b, _ = fm.load_checkpoint(tmp_path / "two/linear.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
