@@ -56,9 +56,10 @@ def voc_to_coco(root: Path, split: str) -> dict:
             objects.append((i, obj.find("name").text.strip(), b, difficult))
     names = list(dict.fromkeys(o[1] for o in objects))
     names = list(VOC_CLASSES) if set(names) <= set(VOC_CLASSES) else names
-    anns = [dict(id=j + 1, image_id=i, category_id=names.index(cls) + 1, iscrowd=int(difficult),  # difficult: ignored
-                 bbox=[b[0] - 1, b[1] - 1, b[2] - b[0] + 1, b[3] - b[1] + 1], area=(b[2] - b[0] + 1) * (b[3] - b[1] + 1))
-            for j, (i, cls, b, difficult) in enumerate(objects)]
+    # difficult objects become crowd regions: not trained on, ignored by the evaluation
+    anns = [dict(id=j + 1, image_id=i, category_id=names.index(cls) + 1, iscrowd=int(difficult),
+                 bbox=[b[0] - 1, b[1] - 1, b[2] - b[0] + 1, b[3] - b[1] + 1],
+                 area=(b[2] - b[0] + 1) * (b[3] - b[1] + 1)) for j, (i, cls, b, difficult) in enumerate(objects)]
     return dict(images=images, annotations=anns, categories=[dict(id=j + 1, name=n) for j, n in enumerate(names)])
 
 
@@ -239,8 +240,9 @@ def main(
         fail(f"--batch-size {batch_size} is not divisible by the {acc.num_processes} processes")
     train_gt = merge([read_source(s) for s in train])
     val_gt = merge([read_source(s) for s in val], [c["name"] for c in train_gt["categories"]])
-    if len(val_gt["categories"]) > len(train_gt["categories"]):
-        fail(f"--val has classes that --train lacks: {[c['name'] for c in val_gt['categories'][len(train_gt['categories']):]]}")
+    unseen = [c["name"] for c in val_gt["categories"][len(train_gt["categories"]):]]
+    if unseen:
+        fail(f"--val has classes that --train lacks ({', '.join(unseen)}): the detector could not predict them")
     if masks and not all("segmentation" in a for a in train_gt["annotations"]):
         fail("--masks needs COCO-format data with a segmentation for every annotation")
 
