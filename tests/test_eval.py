@@ -76,6 +76,17 @@ def test_each_method_through_linear_probe_and_semisup(labelled, pretrained, tmp_
     assert not torch.equal(tensors["conv1.weight"], fm.load_checkpoint(ckpt)[0]["backbone.conv1.weight"])  # fine-tuned
 
 
+def test_linear_probe_on_streamed_data(labelled, pretrained, tmp_path, monkeypatch):
+    """--streaming (as for Hub data): augmented batches from the stream, clean passes dispatched by Accelerate; the
+    clean passes see every image once."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    call(linear_probe, pretrained["mocov1"], data=str(labelled), streaming=True, batch_size=16, epochs=2, workers=0,
+         knn=True, output_dir=tmp_path)
+    r = json.loads((tmp_path / "results.json").read_text())
+    assert r["val_images"] == 20 and r["train_images"] == 48 and 0 <= r["knn_top1"] <= 100
+    assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
+
+
 def test_linear_probe_separable_features_and_torchvision_weights(tmp_path):
     """Solid colours through a fixed random backbone are linearly separable: the probe reaches 100% top-1.
     Plain torchvision weights (no metadata, fc.* present) are accepted."""
