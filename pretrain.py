@@ -317,7 +317,7 @@ def main(
             with acc.autocast():  # covers the target forward too
                 if variant:  # variants.py: BYOL, SimSiam, NNCLR, the ablations
                     loss, keys = vr.step_loss(method.value, model, target, x1, x2, small, queue, r["tau"], patches,
-                                              same_view)
+                                              same_view, sample_seed(seed, step, acc.process_index))
                 elif method == Method.fastmoco:
                     loss = fm.fastmoco_loss(model, target, x1, x2, r["tau"])
                 elif method == Method.mocov3:

@@ -219,14 +219,18 @@ def nearest(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return support[(F.normalize(z.float(), dim=1) @ support.float().T).argmax(1)]
 
 
-def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patches=True, same_view=False):
+def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patches=True, same_view=False, seed=0):
     """One step's loss of any variant; `model` (maybe DDP-wrapped) is called exactly once. Returns (loss, keys to
-    enqueue: NNCLR's support-set entries gathered from all processes, else None).
+    enqueue: NNCLR's support-set entries gathered from all processes, else None). The forward's random draws
+    (crop positions, subset relabelling, Beta weights) come from the CPU generator seeded with `seed` (pass one
+    derived from run seed, step and rank), so a resumed run repeats them exactly.
 
     Pairs: each online sample of view 1 against the target of view 2 and vice versa; multi-crop views against the
     targets of both views; --same-view (Sec. 5.1): each view against its own target. The loss is the mean over
     pairs, times 2 where the original sums its two symmetric terms (MoCo v3, BYOL)."""
-    (z1, p1), (z2, p2), *rest = model(x1, x2, *small)  # rows (R*N, d)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        (z1, p1), (z2, p2), *rest = model(x1, x2, *small)  # rows (R*N, d)
     N = x1.shape[0]
     with torch.no_grad():
         if method in ("simsiam", "nnclr") and not patches:
