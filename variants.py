@@ -92,7 +92,7 @@ def combine_with(f: torch.Tensor, P: int, subsets, op: str = "mean", lam: float 
 def random_crops(x: torch.Tensor, n: int, count: int) -> torch.Tensor:
     """(N, C, H, W) -> (count*N, C, H/n, W/n): `count` crops of the grid's patch size per image, at independent
     uniformly random positions (overlaps allowed), crop-major like fastmoco.divide. Positions come from the CPU
-    generator (saved in checkpoints, so a resumed run draws the same crops)."""
+    generator (step_loss seeds it per step, so a resumed run draws the same crops)."""
     N, _, H, W = x.shape
     h, w = H // n, W // n
     top, left = torch.randint(0, H - h + 1, (count * N,)), torch.randint(0, W - w + 1, (count * N,))
@@ -135,7 +135,8 @@ def montage_features(x: torch.Tensor, n: int, fmap) -> torch.Tensor:
     Returns (n*n*N, D) patch-major, like backbone(divide(x, n)). JigClu: a feature map whose side n does not divide
     (7 at 224 px with n = 2) is bilinearly resized to the next multiple first."""
     P, N = n * n, x.shape[0]
-    pieces = fm.divide(x, n).reshape(P, N, *x.shape[1:2], x.shape[2] // n, x.shape[3] // n)
+    pieces = fm.divide(x, n)
+    pieces = pieces.reshape(P, N, *pieces.shape[1:])  # (P, N, C, h, w)
     mont = undivide(torch.cat([pieces[p].roll(-p, 0) for p in range(P)]), n)  # (N, C, H, W)
     f = fmap(mont)  # (N, D, H', W')
     H2, W2 = -(-f.shape[2] // n) * n, -(-f.shape[3] // n) * n

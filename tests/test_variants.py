@@ -119,6 +119,21 @@ def test_random_crops_are_windows_of_their_own_image():
         assert any(torch.equal(crops[r], x[i, :, t:t + 4, u:u + 4]) for t in range(5) for u in range(5))
 
 
+def test_undivide_inverts_divide():
+    x = torch.randn(3, 2, 12, 12)
+    assert torch.equal(vr.undivide(fm.divide(x, 3), 3), x)
+
+
+@pytest.mark.parametrize("pipeline", ["sample-encode-combine", "sample-combine-encode", "encode-only"])
+def test_random_pipelines_are_a_function_of_the_step_seed(pipeline):
+    """The crops are drawn from the generator step_loss seeds: same seed, same loss; another seed, another loss."""
+    x1, x2 = views()
+    model = encoder(pipeline=pipeline, combine="beta" if pipeline == "sample-encode-combine" else "mean")
+    target = fm.target_encoder(model)
+    a, b, c = (vr.step_loss("fastmoco", model, target, x1, x2, seed=s)[0].item() for s in (5, 5, 6))
+    assert a == b != c
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_divide_combine_encode_canvas_is_patches_at_their_positions(n):
     N, h = 2, 3
