@@ -264,7 +264,7 @@ def test_nnclr_positive_is_the_support_neighbour_of_the_other_view():
     assert torch.allclose(keys, F.normalize(z1, dim=1), atol=1e-6)
 
 
-# ----------------------------------------------------------------------------- pairings: defaults, same view, multi-crop
+# ----------------------------------------------------------------------------- defaults, same view, multi-crop
 
 def test_defaults_compute_exactly_the_core_methods():
     """Encoder with the defaults = fastmoco.MoCo; step_loss = fastmoco_loss / mocov3_loss."""
@@ -341,6 +341,8 @@ def _check_run(d, method, steps=(1, 2)):
 @pytest.mark.parametrize("args", [  # several flags per run: each run costs ~10 s of process start and data
     ["--method", "byol", "--patches", "--combine", "max", "--multi-crop", 1, "--multi-crop-size", 16],
     ["--method", "simsiam", "--patches", "--same-view", "--pipeline", "divide-combine-encode"],
+    ["--method", "simsiam"],  # no patches: the stop-grad target comes from the same forward
+    ["--method", "nnclr", "--queue-size", 16],
     ["--method", "mocov3", "--patches", "--pipeline", "sample-combine-encode"],
     ["--pipeline", "montage-encode-divide-combine", "--combine", "weighted", "--combine-lambda", 0.3, "--grid", 4,
      "--combinations", 8],
@@ -353,7 +355,8 @@ def test_variant_runs_and_checkpoint_loads_into_torchvision(parquet, tmp_path, a
     tensors, meta = _check_run(tmp_path, method)
     assert meta["args"]["pipeline"] == (args[args.index("--pipeline") + 1] if "--pipeline" in args else
                                         vr.PIPELINES[0])
-    assert not any(k.startswith("queue") for k in tensors) and any(k.startswith("target.") for k in tensors)
+    assert any(k.startswith("target.") for k in tensors)
+    assert tensors["queue"].shape == (16, 256) if method == "nnclr" else "queue" not in tensors
 
 
 def test_nnclr_sampled_pipeline_resumes_exactly(parquet, tmp_path):
@@ -367,7 +370,8 @@ def test_nnclr_sampled_pipeline_resumes_exactly(parquet, tmp_path):
     assert [r["loss"] for r in read_log(tmp_path / "part")] == [r["loss"] for r in read_log(tmp_path / "full")]
     a, _ = fm.load_checkpoint(tmp_path / "full/ckpt.safetensors")
     b, _ = _check_run(tmp_path / "part", "nnclr", steps=[1, 2, 3])
-    assert b["queue"].shape == (16, 256) and a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    assert b["queue"].shape == (16, 256) and a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng.")), "resumed weights differ"
 
 
 def test_variant_bad_option_one_line_error(parquet, tmp_path):
