@@ -341,8 +341,6 @@ def _check_run(d, method, steps=(1, 2)):
 @pytest.mark.parametrize("args", [  # several flags per run: each run costs ~10 s of process start and data
     ["--method", "byol", "--patches", "--combine", "max", "--multi-crop", 1, "--multi-crop-size", 16],
     ["--method", "simsiam", "--patches", "--same-view", "--pipeline", "divide-combine-encode"],
-    ["--method", "simsiam"],  # no patches: the stop-grad target comes from the same forward
-    ["--method", "nnclr", "--queue-size", 16],
     ["--method", "mocov3", "--patches", "--pipeline", "sample-combine-encode"],
     ["--pipeline", "montage-encode-divide-combine", "--combine", "weighted", "--combine-lambda", 0.3, "--grid", 4,
      "--combinations", 8],
