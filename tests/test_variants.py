@@ -309,6 +309,18 @@ def test_multi_crop_views_are_queries_against_both_targets():
     assert len(t) == 2 and t[0].transforms[0].size == (16, 16) and t[0].transforms[0].scale == (0.05, 0.14)
 
 
+def test_loader_yields_the_multi_crop_views():
+    """The stage scripts' loader with small_crops appended: each batch is (x1, x2, small_1, ..., small_N)."""
+    from data import augmentations, demo_dataset, loader_for
+
+    ds = demo_dataset("test").select(range(8))
+    loader = loader_for(ds, 8, False, "image", augmentations("fastmoco", 32) + small_crops("fastmoco", 16, 2), 4, 0,
+                        1, 0, 0, 1, 0)
+    batch = next(iter(loader))
+    assert [tuple(x.shape) for x in batch] == [(4, 3, 32, 32)] * 2 + [(4, 3, 16, 16)] * 2
+    assert not torch.equal(batch[2], batch[3])  # independent crops
+
+
 @pytest.mark.parametrize("kw, words", [
     (dict(method="mocov2"), "has no variants"),
     (dict(method="simsiam", momentum=0.9), "no momentum encoder"),
