@@ -134,19 +134,21 @@ def main(
     multi_crop: Annotated[int, typer.Option(help="Extra low-resolution crops per image (Table 4b: 1).")] = 0,
     multi_crop_size: Annotated[int, typer.Option(help="Size of the multi-crop views (SwAV: 96 at 224).")] = 96,
     batch_size: Annotated[Optional[int], typer.Option(
-        help="Global batch (all processes). Recipe: fastmoco 512, mocov3 4096, mocov2/v1 256.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Recipe: fastmoco/mocov3 100, mocov2/v1 200.")] = None,
+        help="Global batch (all processes). Recipe: fastmoco/simsiam 512, mocov3/byol/nnclr 4096, v2/v1 256.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Recipe: 100, mocov2/v1 200.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
         help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules span --epochs.")] = None,
     lr: Annotated[Optional[float], typer.Option(
-        help="lr per 256 images (used: lr x batch/256). Recipe: fastmoco 0.05, mocov3 0.6, v2/v1 0.03.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3: 1e-6).")] = None,
+        help="lr per 256 images (used: lr x batch/256). Recipe: fastmoco/simsiam 0.05, mocov3 0.6, byol 0.2, "
+             "nnclr 0.3, v2/v1 0.03.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3/nnclr 1e-6, byol 1.5e-6)")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(
-        help="Linear lr warmup. Recipe: fastmoco 1, mocov3 10.")] = None,
+        help="Linear lr warmup. Recipe: fastmoco 1, mocov3/byol/nnclr 10.")] = None,
     momentum: Annotated[Optional[float], typer.Option(
-        help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), v2/v1 0.999.")] = None,
+        help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), byol 0.996 -> 1, "
+             "v2/v1 0.999; simsiam/nnclr have none.")] = None,
     tau: Annotated[Optional[float], typer.Option(
-        help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07.")] = None,
+        help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07, nnclr 0.1.")] = None,
     clip_grad: Annotated[Optional[float], typer.Option(
         help="Global grad-norm clip, 0 = off. Recipe: fastmoco 1.0.")] = None,
     queue_size: Annotated[Optional[int], typer.Option(
