@@ -43,6 +43,13 @@ def augmentations(name: str, size: int):
             v2.Compose(base + [blur(0.1), v2.RandomSolarize(128, p=0.2)] + tail))
 
 
+def small_crops(name: str, size: int, n: int, scale=(0.05, 0.14)):
+    """SwAV multi-crop (Fast-MoCo Table 4b): n low-resolution views, view 1's pipeline with RandomResizedCrop(size,
+    scale) (SwAV's 96 px crops of 5-14% of the image)."""
+    t = augmentations(name, size)[0].transforms
+    return (v2.Compose([v2.RandomResizedCrop(size, scale=scale, interpolation=t[0].interpolation)] + t[1:]),) * n
+
+
 def clean_transform(size: int):
     """Non-augmented evaluation view: resize (x256/224 above 64 px) and centre crop."""
     return v2.Compose([v2.Resize(size if size <= 64 else size * 256 // 224, antialias=True), v2.CenterCrop(size),

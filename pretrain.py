@@ -1,4 +1,5 @@
-"""Self-supervised pretraining of a ResNet with Fast-MoCo, MoCo v3, MoCo v2 or MoCo v1.
+"""Self-supervised pretraining of a ResNet with Fast-MoCo, MoCo v3, MoCo v2 or MoCo v1 (and, through variants.py,
+BYOL, SimSiam, NNCLR and the paper's ablations).
 
     accelerate launch pretrain.py --epochs 100                      # ImageNet-1k streamed from the Hub
     python pretrain.py --data demo --arch resnet18 --image-size 32  # built-in demo data, CPU friendly
@@ -21,7 +22,8 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
-from data import augmentations, clean_transform, fail, load_split, loader_for, sample_seed
+import variants as vr
+from data import augmentations, clean_transform, fail, load_split, loader_for, sample_seed, small_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
@@ -40,6 +42,17 @@ RECIPES = {
     "mocov1": dict(epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
                    warmup_from=0.0, momentum=0.999, cosine_momentum=False, tau=0.07, clip_grad=0.0,
                    fix_predictor_lr=False, milestones=(0.6, 0.8), aug="mocov1", sync_bn=False),  # 120/160 of 200
+    # Appendix C.1 frameworks (100 epochs there; REFERENCE gives no recipe: the numbers are the original papers').
+    # SimSiam and NNCLR have no momentum encoder: their target is a copy refreshed with m = 0 (= the online weights).
+    "byol": dict(epochs=100, batch_size=4096, lr=0.2, weight_decay=1.5e-6, optimizer="lars", warmup_epochs=10,
+                 warmup_from=0.0, momentum=0.996, cosine_momentum=True, tau=1.0, clip_grad=0.0,
+                 fix_predictor_lr=False, milestones=(), aug="mocov3", sync_bn=True),
+    "simsiam": dict(epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
+                    warmup_from=0.0, momentum=0.0, cosine_momentum=False, tau=1.0, clip_grad=0.0,
+                    fix_predictor_lr=True, milestones=(), aug="mocov2", sync_bn=True),
+    "nnclr": dict(epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6, optimizer="lars", warmup_epochs=10,
+                  warmup_from=0.0, momentum=0.0, cosine_momentum=False, tau=0.1, clip_grad=0.0,
+                  fix_predictor_lr=False, milestones=(), aug="mocov3", sync_bn=True),
 }
 
 
@@ -54,6 +67,13 @@ class Method(str, Enum):
     mocov3 = "mocov3"
     mocov2 = "mocov2"
     mocov1 = "mocov1"
+    byol = "byol"
+    simsiam = "simsiam"
+    nnclr = "nnclr"
+
+
+Pipeline = Enum("Pipeline", {p: p for p in vr.PIPELINES}, type=str)  # Table 4a, in the paper's words
+Combine = Enum("Combine", {c: c for c in vr.COMBINES}, type=str)
 
 
 @torch.no_grad()
@@ -92,30 +112,47 @@ def main(
     data: Annotated[str, typer.Option(help="Hub dataset name (streamed), local folder of parquet files / images, "
                                            "a saved dataset, or 'demo' (built-in, no download).")
                 ] = "ILSVRC/imagenet-1k",
-    method: Annotated[Method, typer.Option(help="Fast-MoCo (ECCV 2022), MoCo v3, v2 or v1.")] = Method.fastmoco,
+    method: Annotated[Method, typer.Option(help="Fast-MoCo (ECCV 2022), MoCo v3, v2, v1, or (Fast-MoCo App. C.1) "
+                                                "BYOL, SimSiam, NNCLR.")] = Method.fastmoco,
     arch: Annotated[str, typer.Option(help=f"torchvision ResNet: {', '.join(fm.ARCHS)}.")] = "resnet50",
     image_size: Annotated[int, typer.Option(help="Crop size of the augmented views.")] = 224,
     small_stem: Annotated[Optional[bool], typer.Option(
         help="3x3 stride-1 conv1, no max-pool (CIFAR-style). Default: on when --image-size <= 64.")] = None,
     grid: Annotated[int, typer.Option(help="Fast-MoCo: divide each view into grid x grid patches.")] = 2,
     k: Annotated[int, typer.Option(help="Fast-MoCo: patches averaged per combined embedding (1..grid^2-1).")] = 2,
+    patches: Annotated[Optional[bool], typer.Option(
+        help="Combinatorial patches on the online branch. Default: on for fastmoco only; fastmoco --no-patches is "
+             "MoCo v3's loss under Fast-MoCo's recipe (Table 4b's baseline).")] = None,
+    pipeline: Annotated[Pipeline, typer.Option(help="Where patches are combined (Table 4a).")] = Pipeline(
+        vr.PIPELINES[0]),
+    combine: Annotated[Combine, typer.Option(help="Combine operator (Sec. 5.5).")] = Combine.mean,
+    combine_lambda: Annotated[float, typer.Option(help="--combine weighted: weight of a subset's first patch.")] = 0.5,
+    beta_alpha: Annotated[float, typer.Option(help="--combine beta: weights ~ Beta(a, a) (Dirichlet for k>2).")] = 1.0,
+    combinations: Annotated[int, typer.Option(
+        help="Use this many of the C(grid^2, k) combinations, each patch equally often (Sec. 5.4); 0 = all.")] = 0,
+    same_view: Annotated[bool, typer.Option(help="Positives from the same augmented view (Sec. 5.1).")] = False,
+    multi_crop: Annotated[int, typer.Option(help="Extra low-resolution crops per image (Table 4b: 1).")] = 0,
+    multi_crop_size: Annotated[int, typer.Option(help="Size of the multi-crop views (SwAV: 96 at 224).")] = 96,
     batch_size: Annotated[Optional[int], typer.Option(
-        help="Global batch (all processes). Recipe: fastmoco 512, mocov3 4096, mocov2/v1 256.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Recipe: fastmoco/mocov3 100, mocov2/v1 200.")] = None,
+        help="Global batch (all processes). Recipe: fastmoco/simsiam 512, mocov3/byol/nnclr 4096, v2/v1 256.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Recipe: 100, mocov2/v1 200.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
         help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules span --epochs.")] = None,
     lr: Annotated[Optional[float], typer.Option(
-        help="lr per 256 images (used: lr x batch/256). Recipe: fastmoco 0.05, mocov3 0.6, v2/v1 0.03.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3: 1e-6).")] = None,
+        help="lr per 256 images (used: lr x batch/256). Recipe: fastmoco/simsiam 0.05, mocov3 0.6, byol 0.2, "
+             "nnclr 0.3, v2/v1 0.03.")] = None,
+    weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3/nnclr 1e-6, byol 1.5e-6)")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(
-        help="Linear lr warmup. Recipe: fastmoco 1, mocov3 10.")] = None,
+        help="Linear lr warmup. Recipe: fastmoco 1, mocov3/byol/nnclr 10.")] = None,
     momentum: Annotated[Optional[float], typer.Option(
-        help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), v2/v1 0.999.")] = None,
+        help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), byol 0.996 -> 1, "
+             "v2/v1 0.999; simsiam/nnclr have none.")] = None,
     tau: Annotated[Optional[float], typer.Option(
-        help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07.")] = None,
+        help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07, nnclr 0.1.")] = None,
     clip_grad: Annotated[Optional[float], typer.Option(
         help="Global grad-norm clip, 0 = off. Recipe: fastmoco 1.0.")] = None,
-    queue_size: Annotated[int, typer.Option(help="MoCo v1/v2: number of negatives K in the queue.")] = 65536,
+    queue_size: Annotated[Optional[int], typer.Option(
+        help="MoCo v1/v2: negatives K in the queue (65536); NNCLR: support set size (98304).")] = None,
     output_dir: Annotated[Path, typer.Option(help="Checkpoints, log.jsonl and TensorBoard logs go here.")] = Path(
         "runs/pretrain"),
     seed: Annotated[int, typer.Option(help="Seeds the init, the data order and every augmentation.")] = 0,
@@ -143,7 +180,14 @@ def main(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         momentum=momentum, tau=tau, clip_grad=clip_grad).items() if v is not None}}
     small_stem = image_size <= 64 if small_stem is None else small_stem
-    moco = method.value in ("mocov1", "mocov2")
+    queued = method.value in ("mocov1", "mocov2", "nnclr")  # a queue: MoCo's negatives or NNCLR's support set
+    queue_size = queue_size or (98304 if method == Method.nnclr else 65536)
+    patches = method == Method.fastmoco if patches is None else patches
+    variant = (method.value in vr.METHODS or patches != (method == Method.fastmoco) or same_view or multi_crop or
+               combinations or pipeline.value != vr.PIPELINES[0] or combine != Combine.mean)
+    if variant and (msg := vr.check(method.value, patches, grid, k, pipeline.value, combine.value,
+                                    combine_lambda, combinations, same_view, multi_crop, momentum)):
+        fail(msg)
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value,
                       log_with="tensorboard" if tensorboard else None, project_dir=str(output_dir))
     B, world = r["batch_size"], acc.num_processes
@@ -151,11 +195,11 @@ def main(
         fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
-    if method == Method.fastmoco and (image_size % grid or not 1 <= k < grid * grid):
+    if patches and (image_size % grid or not 1 <= k < grid * grid):
         fail(f"--grid {grid} must divide --image-size {image_size} and --k must be in 1..{grid * grid - 1} (got {k})")
-    if moco and queue_size % B:
+    if queued and queue_size % B:
         fail(f"--queue-size {queue_size} is not divisible by the global batch {B}: MoCo enqueues whole batches")
-    smallest = image_size // grid if method == Method.fastmoco else image_size  # Fast-MoCo's online sees patches
+    smallest = min(image_size // grid if patches else image_size, multi_crop_size if multi_crop else image_size)
     if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if small_stem else 16):
         # torch 2.14 CPU: the bf16 weight gradient of a stride-2 conv on a 1x1 input (layer4.0 here) is sometimes inf
         fail(f"{smallest} px inputs reach layer4 at 1x1, where CPU bf16 gives non-finite gradients: use "
@@ -190,7 +234,8 @@ def main(
 
     # 3. model, momentum encoder, optimizer, queue (same init on every process)
     torch.manual_seed(seed)
-    model = fm.MoCo(method.value, arch, small_stem, grid, k)
+    model = vr.Encoder(method.value, arch, small_stem, patches, grid, k, pipeline.value, combine.value, combine_lambda,
+                       beta_alpha, combinations) if variant else fm.MoCo(method.value, arch, small_stem, grid, k)
     if r["sync_bn"] and world > 1 and acc.device.type == "cuda":  # torch's SyncBN runs on GPUs only
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     target = fm.target_encoder(model)  # official MoCo v3: the momentum encoder uses SyncBN too
@@ -202,8 +247,9 @@ def main(
     base_lr = r["lr"] * B / 256
     optimizer = fm.make_optimizer(model, r["optimizer"], base_lr, r["weight_decay"], r["fix_predictor_lr"])
     queue, ptr = None, 0
-    if moco:
-        queue = nn.functional.normalize(torch.randn(queue_size, 128), dim=1).to(acc.device)  # (K, 128)
+    if queued:
+        queue = nn.functional.normalize(torch.randn(queue_size, 256 if method == Method.nnclr else 128), dim=1).to(
+            acc.device)  # (K, 128) negatives, or NNCLR's (K, 256) support set
     step = 0
     if resume is not None:
         tensors, meta = fm.load_checkpoint(resume)
@@ -213,7 +259,7 @@ def main(
             "backbone", "projector", "predictor")})
         target.load_state_dict(fm.prefixed(tensors, "target."))
         fm.load_optimizer_tensors(optimizer, tensors)
-        if moco:
+        if queued:
             queue.copy_(tensors["queue"])
             ptr = int(tensors["queue_ptr"])
         torch.set_rng_state(tensors["rng.torch"])
@@ -223,7 +269,8 @@ def main(
         acc.scaler.load_state_dict({k_[7:]: v.item() for k_, v in tensors.items() if k_.startswith("scaler.")} or
                                    acc.scaler.state_dict())
     online = acc.unwrap_model(model)
-    loader = loader_for(ds, n, streaming, image_column, augmentations(r["aug"], image_size), B, acc.process_index,
+    loader = loader_for(ds, n, streaming, image_column, augmentations(r["aug"], image_size) +
+                        small_crops(r["aug"], multi_crop_size, multi_crop), B, acc.process_index,
                         world, seed, step, stop, workers, pin=acc.device.type == "cuda")
 
     # 4. train
@@ -263,15 +310,17 @@ def main(
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     with progress:
         task = progress.add_task(f"{method.value} {arch}", total=stop, completed=step, info="")
-        for x1, x2 in loader:
-            x1 = x1.to(acc.device, non_blocking=True, memory_format=fmt)
-            x2 = x2.to(acc.device, non_blocking=True, memory_format=fmt)
+        for x1, x2, *small in loader:
+            x1, x2, *small = (x.to(acc.device, non_blocking=True, memory_format=fmt) for x in (x1, x2, *small))
             lr_now = fm.lr_at(step, total, base_lr, warmup, r["warmup_from"], milestones)
             m = fm.momentum_at(step, total, r["momentum"], r["cosine_momentum"])
             fm.set_lr(optimizer, lr_now)
             fm.ema_update(target.parameters(), fm.online_params(online), m)  # official order: before the forward
             with acc.autocast():  # covers the target forward too
-                if method == Method.fastmoco:
+                if variant:  # variants.py: BYOL, SimSiam, NNCLR, the ablations
+                    loss, keys = vr.step_loss(method.value, model, target, x1, x2, small, queue, r["tau"], patches,
+                                              same_view, sample_seed(seed, step, acc.process_index))
+                elif method == Method.fastmoco:
                     loss = fm.fastmoco_loss(model, target, x1, x2, r["tau"])
                 elif method == Method.mocov3:
                     loss = fm.mocov3_loss(model, target, x1, x2, r["tau"])
@@ -283,7 +332,7 @@ def main(
             if r["clip_grad"]:
                 acc.clip_grad_norm_(model.parameters(), r["clip_grad"])
             optimizer.step()
-            if moco:
+            if queued:
                 ptr = fm.enqueue(queue, ptr, keys)
             step += 1
             running += loss.detach()
