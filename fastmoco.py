@@ -337,11 +337,26 @@ def save_checkpoint(path, tensors: dict, metadata: dict):
     """Atomic write: a temporary file, fsync, then rename, so `path` is never a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in metadata.items()})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = dict(metadata, tensors_sha256=tensors_hash(tensors))  # load_checkpoint detects corrupted bytes
+    try:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (SafetensorError, OSError) as e:  # full disk, quota, file size limit: `path` is untouched
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e}") from None
     os.replace(tmp, path)
+
+
+def tensors_hash(tensors: dict) -> str:
+    """sha256 of every tensor's name, dtype, shape and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def load_checkpoint(path):
@@ -356,6 +371,8 @@ def load_checkpoint(path):
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({e}); pass a .safetensors file "
                          "written by pretrain.py or safetensors.torch.save_file") from None
+    if "tensors_sha256" in meta and meta.pop("tensors_sha256") != tensors_hash(tensors):
+        raise ValueError(f"{path} is corrupt: its tensors do not match the checksum written with them")
     return tensors, meta
 
 
