@@ -233,7 +233,6 @@ def main(
         if moco:
             queue.copy_(tensors["queue"])
             ptr = int(tensors["queue_ptr"])
-        torch.set_rng_state(tensors["rng.torch"])
         step, skipped = meta["step"], meta.get("skipped_steps", 0)
     model, optimizer = acc.prepare(model, optimizer)  # DDP: the momentum encoder has no trainable params, not prepared
     if acc.scaler is not None and point is not None:
@@ -244,6 +243,9 @@ def main(
                         world, seed, step, stop, workers, pin=acc.device.type == "cuda",
                         stream_state=tensors.get("data.stream") if point else None)
     cursor = getattr(loader, "cursor", None)  # streaming: where each worker is, saved for an exact resume
+    batches = iter(loader)  # draws the workers' base seed from the torch RNG: restore the saved state after it
+    if point is not None:
+        torch.set_rng_state(tensors["rng.torch"])
 
     # 4. train
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -290,7 +292,7 @@ def main(
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     with progress:
         task = progress.add_task(f"{method.value} {arch}", total=stop, completed=step, info="")
-        for i, (x1, x2, info) in enumerate(loader, cursor.first if cursor else step):
+        for i, (x1, x2, info) in enumerate(batches, cursor.first if cursor else step):
             if cursor:
                 cursor.update(i, info)
             if i < step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
