@@ -68,5 +68,6 @@ def trim_log(path: Path, step: int):
 
 def rotate(output_dir: Path, keep: int):
     """Keep the newest `keep` periodic checkpoints DIR/ckpt-STEP.safetensors (0 = keep all)."""
-    for old in sorted(output_dir.glob("ckpt-*.safetensors"))[:-keep or None]:
-        old.unlink()
+    if keep > 0:  # (a bare [:-keep] would delete them all for keep = 0)
+        for old in sorted(output_dir.glob("ckpt-*.safetensors"))[:-keep]:
+            old.unlink()

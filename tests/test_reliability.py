@@ -78,3 +78,54 @@ def test_sigkill_then_same_command_resumes_exactly(shards, tmp_path, method, str
     assert f"skipping {newest} is corrupt" in p.stderr, p.stderr
     assert "resuming from" in p.stderr
     assert_same_run(tmp_path / "full", d)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    d = tmp_path_factory.mktemp("small")
+    demo_dataset("train").select(range(16)).to_parquet(str(d / "train-0.parquet"))
+    return d
+
+
+def test_nonfinite_loss_stops_or_is_skipped(small, tmp_path):
+    """A diverging run (lr 1e30): without --skip-nonfinite it stops naming the step and keeps the good checkpoints,
+    never writing one after the NaN; with it, every non-finite step is skipped and counted, and leaves the weights,
+    the optimizer buffers, the target encoder and the queue exactly as the last good step left them."""
+    args = ["--data", small, "--method", "mocov2", "--queue-size", 16, "--lr", 1e30, "--max-steps", 4,
+            "--save-every", 1, "--keep", 0]
+    p = run(*args, "--output-dir", tmp_path / "stop", check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and "loss is nan at step 2" in err[-1] and "is intact" in err[-1], p.stderr
+    assert [f.name for f in (tmp_path / "stop").glob("ckpt*")] == ["ckpt-0000001.safetensors"]
+    run(*args, "--skip-nonfinite", "--output-dir", tmp_path / "skip")
+    rows = read_log(tmp_path / "skip")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3]
+    good, _ = fm.load_checkpoint(tmp_path / "skip/ckpt-0000001.safetensors")
+    last, meta = fm.load_checkpoint(tmp_path / "skip/ckpt.safetensors")
+    assert meta["skipped_steps"] == 3
+    for k in good:
+        if not k.startswith("rng."):
+            assert torch.equal(good[k], last[k]), k
+
+
+def test_full_disk_gives_one_line_error_and_keeps_the_checkpoint(small, tmp_path):
+    """A real write failure: the resumed run may not write files larger than half a checkpoint (RLIMIT_FSIZE, as on
+    a full disk or quota, EFBIG instead of ENOSPC). It stops with one line, leaves no temporary file, and the
+    previous checkpoint still loads, unchanged."""
+    run("--data", small, "--max-steps", 1, "--output-dir", tmp_path)
+    ckpt = tmp_path / "ckpt.safetensors"
+    before = ckpt.read_bytes()
+
+    def limit():  # runs in the child before exec
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write with EFBIG rather than killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
+
+    cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(small), "--arch", "resnet18", "--image-size", "32",
+           "--batch-size", "8", "--workers", "0", "--no-tensorboard", "--no-small-stem", "--max-steps", "2",
+           "--output-dir", str(tmp_path)]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, preexec_fn=limit,
+                       env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no"})
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and err[-1].startswith("error: cannot write") and "File too large" in err[-1], p.stderr
+    assert "is intact" in err[-1] and not list(tmp_path.glob("*.tmp"))
+    assert ckpt.read_bytes() == before and fm.load_checkpoint(ckpt)[1]["step"] == 1
