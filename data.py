@@ -207,13 +207,16 @@ class Views(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        for bad in range(len(self.ds)):
-            img = load_rgb(self.ds[(i + bad) % len(self.ds)][self.column])
+        img = load_rgb(self.ds[i][self.column])
+        bad = int(img is None)  # counted once, in its own slot
+        if bad:
+            skipped(f"#{i}")
+        for j in range(i + 1, i + len(self.ds)):  # the stand-in: the next decodable image
             if img is not None:
                 break
-            skipped(f"#{(i + bad) % len(self.ds)}")
-        else:
-            raise SystemExit("error: no image of the dataset can be decoded")
+            img = load_rgb(self.ds[j % len(self.ds)][self.column])
+        if img is None:
+            fail("no image of the dataset can be decoded")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
             return (*(t(img) for t in self.transforms), torch.tensor([bad, 0, 0, 0]))

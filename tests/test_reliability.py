@@ -2,19 +2,25 @@
 same command continues bit for bit; corrupt, truncated and pickled files are refused; a full disk, NaN losses and
 broken images end (or skip) cleanly without losing the last good checkpoint."""
 
+import io
 import os
 import resource
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zlib
 
+import datasets
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 from test_pretrain import ROOT, read_log, run
 
 import fastmoco as fm
-from data import demo_dataset
+from data import demo_dataset, load_rgb
 
 
 @pytest.fixture(scope="module")
@@ -129,3 +135,67 @@ def test_full_disk_gives_one_line_error_and_keeps_the_checkpoint(small, tmp_path
     assert p.returncode == 1 and err[-1].startswith("error: cannot write") and "File too large" in err[-1], p.stderr
     assert "is intact" in err[-1] and not list(tmp_path.glob("*.tmp"))
     assert ckpt.read_bytes() == before and fm.load_checkpoint(ckpt)[1]["step"] == 1
+
+
+def image_bytes(img, fmt, **kw):
+    b = io.BytesIO()
+    img.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+def png_bomb():
+    """A 1x1 PNG whose header claims 100000 x 100000 pixels (a decompression bomb: 40 GB if decoded)."""
+    b = bytearray(image_bytes(Image.new("RGB", (1, 1)), "PNG"))
+    b[16:24] = struct.pack(">II", 100_000, 100_000)
+    b[29:33] = struct.pack(">I", zlib.crc32(bytes(b[12:29])))
+    return bytes(b)
+
+
+def bad_and_odd_images():
+    """{name: (encoded bytes, expected RGB pixel at (0, 0) or None if it must be refused)}."""
+    jpeg = image_bytes(Image.new("RGB", (64, 64), (200, 10, 10)), "JPEG")
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 0))  # fully transparent red: white after compositing
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 0, 255, 0] + [0] * 762)
+    pal.info["transparency"] = 0  # index 1 (green) stays opaque
+    return {
+        "truncated.jpg": (jpeg[:len(jpeg) // 2], None),
+        "empty": (b"", None),
+        "text": (b"this is not an image" * 10, None),
+        "bomb.png": (png_bomb(), None),
+        "gray.png": (image_bytes(Image.new("L", (8, 8), 100), "PNG"), (100, 100, 100)),
+        "cmyk.jpg": (image_bytes(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), "JPEG", quality=100), (255, 255, 255)),
+        "rgba.png": (image_bytes(rgba, "PNG"), (255, 255, 255)),
+        "palette.png": (image_bytes(pal, "PNG", transparency=0), (0, 255, 0)),
+        "16bit.png": (image_bytes(Image.fromarray(np.full((8, 8), 128 * 257, np.uint16)), "PNG"), (128, 128, 128)),
+        "1x1.png": (image_bytes(Image.new("RGB", (1, 1), (1, 2, 3)), "PNG"), (1, 2, 3)),
+        "large.jpg": (image_bytes(Image.new("RGB", (4000, 3000), (0, 0, 255)), "JPEG"), (0, 0, 254)),
+    }
+
+
+def test_load_rgb_converts_modes_and_refuses_broken_files():
+    for name, (raw, pixel) in bad_and_odd_images().items():
+        img = load_rgb({"bytes": raw, "path": None})
+        if pixel is None:
+            assert img is None, name
+        else:
+            assert img.mode == "RGB" and img.getpixel((0, 0)) == pytest.approx(pixel, abs=2), name
+
+
+def test_bad_images_are_skipped_counted_and_bounded(tmp_path):
+    """Parquet data with every kind of broken and odd image among good ones: the run converts the odd ones, skips the
+    4 undecodable ones (naming them), counts them in the log, and stops with one line when they exceed
+    --max-bad-fraction."""
+    odd = bad_and_odd_images()
+    good = [{"bytes": image_bytes(ex["image"], "PNG"), "path": None} for ex in demo_dataset("train").select(range(13))]
+    rows = good + [{"bytes": raw, "path": None} for raw, _ in odd.values()]  # 24 images: 3 batches of 8
+    features = datasets.Features(image=datasets.Image())
+    datasets.Dataset.from_dict({"image": rows}, features=features).to_parquet(str(tmp_path / "train-0.parquet"))
+    bad_ids = {f"#{13 + i}" for i, (_, px) in enumerate(odd.values()) if px is None}
+    p = run("--data", tmp_path, "--epochs", 1, "--max-bad-fraction", 0.5, "--output-dir", tmp_path / "ok")
+    named = {w.split()[-1] for w in p.stderr.splitlines() if "skipped undecodable image" in w}
+    assert named == bad_ids, p.stderr
+    assert read_log(tmp_path / "ok")[-1]["bad_images"] == 4 and fm.load_checkpoint(tmp_path / "ok/ckpt.safetensors")
+    p = run("--data", tmp_path, "--epochs", 1, "--output-dir", tmp_path / "stop", check=False)  # default 0.01
+    err = p.stderr.strip().splitlines()[-1]
+    assert p.returncode == 1 and "could not be decoded" in err and "--max-bad-fraction" in err, p.stderr
