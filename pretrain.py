@@ -178,6 +178,7 @@ def main(
              "--mixed-precision no, --small-stem, or a larger --image-size")
     if resume is not None and not resume.is_file():
         fail(f"--resume {resume} does not exist")
+    point = runs.resume_point(output_dir, resume)  # --resume, else DIR's newest valid checkpoint (or None)
 
     # 2. data
     hub = not Path(data).expanduser().exists() and data != "demo"
@@ -220,7 +221,7 @@ def main(
     queue, ptr = None, 0
     if moco:
         queue = nn.functional.normalize(torch.randn(queue_size, 128), dim=1).to(acc.device)  # (K, 128)
-    step, skipped, point = 0, 0, runs.resume_point(output_dir, resume)  # --resume, else DIR's newest valid checkpoint
+    step, skipped = 0, 0
     if point is not None:
         resume, tensors, meta = point
         if meta.get("method") != method.value or meta.get("arch") != arch:

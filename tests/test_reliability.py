@@ -4,6 +4,7 @@ broken images end (or skip) cleanly without losing the last good checkpoint."""
 
 import io
 import os
+import pickle
 import resource
 import signal
 import struct
@@ -199,3 +200,49 @@ def test_bad_images_are_skipped_counted_and_bounded(tmp_path):
     p = run("--data", tmp_path, "--epochs", 1, "--output-dir", tmp_path / "stop", check=False)  # default 0.01
     err = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and "could not be decoded" in err and "--max-bad-fraction" in err, p.stderr
+
+
+class Boom:
+    """A pickle whose loading runs a shell command creating MARKER."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_planted_pickles_are_never_unpickled(small, tmp_path):
+    """A malicious pickle as .pt / .pth / .pkl (given to --resume) and renamed to ckpt.safetensors in the output
+    directory (found by automatic resume): every one is refused with one line or skipped with a warning, and its
+    payload never runs."""
+    marker = tmp_path / "PWNED"
+    evil = pickle.dumps(Boom(marker))
+    assert b"system" in evil  # the payload is real: pickle.loads(evil) would create the marker
+    for name in ("evil.pt", "evil.pth", "evil.pkl"):
+        (tmp_path / name).write_bytes(evil)
+        with pytest.raises(ValueError, match="not a readable safetensors checkpoint"):
+            fm.load_checkpoint(tmp_path / name)
+    p = run("--data", small, "--max-steps", 1, "--resume", tmp_path / "evil.pt", "--output-dir", tmp_path / "a",
+            check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1 and "evil.pt is not a readable safetensors" in err[0], p.stderr
+    assert not (tmp_path / "a").exists()  # refused before any work
+    d = tmp_path / "b"
+    d.mkdir()
+    (d / "ckpt.safetensors").write_bytes(evil)
+    (d / "ckpt-0000001.safetensors").write_bytes(evil)
+    p = run("--data", small, "--max-steps", 1, "--output-dir", d)  # nothing valid to resume: a fresh run
+    assert p.stderr.count("warning: skipping") == 2 and "resuming" not in p.stderr
+    assert fm.load_checkpoint(d / "ckpt.safetensors")[1]["step"] == 1
+    assert not marker.exists()
+
+
+def test_no_unpickling_or_eval_in_the_project():
+    """The project never calls pickle, an unrestricted torch.load, eval or exec (tests excluded)."""
+    for f in ROOT.glob("*.py"):
+        src = f.read_text()
+        for word in ("pickle", "eval(", "exec(", "marshal", "shelve", "dill", "joblib"):
+            assert word not in src.replace(".eval()", ""), (f.name, word)
+        for call in src.split("torch.load(")[1:]:
+            assert "weights_only=True" in call.split(")")[0], f.name
