@@ -165,6 +165,11 @@ def main(
     B, world = r["batch_size"], acc.num_processes
     if arch not in fm.ARCHS:
         fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    for name, v, lo, hi in (("--lr", r["lr"], 0, math.inf), ("--batch-size", B, 1, math.inf), ("--keep", keep, 0, math.inf),
+                            ("--log-every", log_every, 1, math.inf), ("--save-every", save_every, 0, math.inf),
+                            ("--max-bad-fraction", max_bad_fraction, 0, 1)):
+        if not (lo <= v <= hi and math.isfinite(v)):  # NaN fails too
+            fail(f"{name} {v} is out of range: use a finite number from {lo}" + (f" to {hi}" if hi < math.inf else " up"))
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
     if method == Method.fastmoco and (image_size % grid or not 1 <= k < grid * grid):

@@ -251,3 +251,14 @@ def test_no_unpickling_or_eval_in_the_project():
             if t.string == "load" and toks[i - 1].string == "." and toks[i - 2].string == "torch":
                 call = "".join(u.string for u in toks[i:i + 40])
                 assert "weights_only=True" in call.split(")")[0], (f.name, t.start)
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--lr", "nan"], "--lr nan is out of range"),
+    (["--log-every", 0], "--log-every 0 is out of range"),
+    (["--max-bad-fraction", 1.5], "--max-bad-fraction 1.5 is out of range: use a finite number from 0 to 1"),
+])
+def test_more_bad_arguments_get_one_line_errors(small, tmp_path, args, words):
+    p = run("--data", small, "--output-dir", tmp_path, *args, check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and len(err) == 1 and words in err[0], p.stderr
