@@ -88,14 +88,6 @@ def state_tensors(model, target, optimizer, queue, ptr, acc) -> dict:
     return t
 
 
-def all_finite(loss, model, acc) -> bool:
-    """--skip-nonfinite: are the loss and (unless fp16's scaler handles them) the gradients finite on every process?"""
-    ok = torch.isfinite(loss.detach()).all()
-    if acc.scaler is None:
-        ok &= torch.stack([p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]).all()
-    return acc.reduce(ok.float(), "sum").item() == acc.num_processes
-
-
 @app.command()
 def main(
     data: Annotated[str, typer.Option(help="Hub dataset name (streamed), local folder of parquet files / images, "
@@ -165,11 +157,8 @@ def main(
     B, world = r["batch_size"], acc.num_processes
     if arch not in fm.ARCHS:
         fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
-    for name, v, lo, hi in (("--lr", r["lr"], 0, math.inf), ("--batch-size", B, 1, math.inf), ("--keep", keep, 0, math.inf),
-                            ("--log-every", log_every, 1, math.inf), ("--save-every", save_every, 0, math.inf),
-                            ("--max-bad-fraction", max_bad_fraction, 0, 1)):
-        if not (lo <= v <= hi and math.isfinite(v)):  # NaN fails too
-            fail(f"{name} {v} is out of range: use a finite number from {lo}" + (f" to {hi}" if hi < math.inf else " up"))
+    runs.check_ranges({"--lr": (r["lr"], 0), "--batch-size": (B, 1), "--keep": (keep, 0), "--log-every": (log_every, 1),
+                       "--save-every": (save_every, 0), "--max-bad-fraction": (max_bad_fraction, 0, 1)})
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
     if method == Method.fastmoco and (image_size % grid or not 1 <= k < grid * grid):
@@ -304,8 +293,7 @@ def main(
             if i < step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
                 continue
             bad += int(info[:, 0].sum())  # undecodable images replaced (map-style) or skipped (streaming)
-            if skip_nonfinite:  # EMA and BN statistics of a skipped step are rolled back
-                snap = [t.clone() for t in (*target.state_dict().values(), *online.buffers())]
+            snap = runs.snapshot(target, online) if skip_nonfinite else None  # EMA, BN stats: rolled back on a skip
             x1 = x1.to(acc.device, non_blocking=True, memory_format=fmt)
             x2 = x2.to(acc.device, non_blocking=True, memory_format=fmt)
             lr_now = fm.lr_at(step, total, base_lr, warmup, r["warmup_from"], milestones)
@@ -324,9 +312,8 @@ def main(
             acc.backward(loss)
             if r["clip_grad"]:
                 acc.clip_grad_norm_(model.parameters(), r["clip_grad"])
-            if skip_nonfinite and not all_finite(loss, model, acc):  # no optimizer, EMA, BN or queue update
-                for t, saved in zip((*target.state_dict().values(), *online.buffers()), snap):
-                    t.copy_(saved)
+            if skip_nonfinite and not runs.all_finite(loss, model, acc):  # no optimizer, EMA, BN or queue update
+                runs.restore(target, online, snap)
                 skipped, skipped_log = skipped + 1, skipped_log + 1
             else:
                 optimizer.step()
@@ -341,10 +328,7 @@ def main(
                     fail(f"loss is {mean} at step {step}; the last checkpoint in {output_dir} is intact (rerun "
                          "the same command with a lower --lr, or --skip-nonfinite)")
                 bad_all = int(acc.reduce(torch.tensor(float(bad), device=acc.device), "sum").item())
-                if bad_all > max_bad_fraction * max(step * B, n):
-                    fail(f"{bad_all} images could not be decoded (the 'skipped undecodable image' warnings name "
-                         f"them), more than --max-bad-fraction {max_bad_fraction} of {max(step * B, n)}: fix or "
-                         "remove them, or raise --max-bad-fraction")
+                runs.check_bad_images(bad_all, max(step * B, n), max_bad_fraction)
                 ips = (step - s_log) * B / (time.perf_counter() - t_log)
                 record(dict(loss=mean, lr=lr_now, m=m, img_per_s=round(ips, 1), skipped_steps=skipped,
                             bad_images=bad_all))

@@ -3,9 +3,11 @@ a pre-emption, past truncated or corrupt files), rotation of periodic checkpoint
 state. Checkpoints are written by fastmoco.save_checkpoint (atomic, checksummed)."""
 
 import json
+import math
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 import fastmoco as fm
@@ -71,3 +73,37 @@ def rotate(output_dir: Path, keep: int):
     if keep > 0:  # (a bare [:-keep] would delete them all for keep = 0)
         for old in sorted(output_dir.glob("ckpt-*.safetensors"))[:-keep]:
             old.unlink()
+
+
+# ----------------------------------------------------------------------------- guards
+
+def check_ranges(ranges: dict):
+    """{"--flag": (value, low) or (value, low, high)}: a one-line error for the first value out of range (or NaN)."""
+    for name, (v, lo, *hi) in ranges.items():
+        if not (lo <= v <= (hi or [math.inf])[0] and math.isfinite(v)):
+            fail(f"{name} {v} is out of range: use a finite number from {lo}" + (f" to {hi[0]}" if hi else " up"))
+
+
+def check_bad_images(bad: int, seen: int, max_fraction: float):
+    """Stop when more than `max_fraction` of the images (read so far, or in the data set) could not be decoded."""
+    if bad > max_fraction * seen:
+        fail(f"{bad} images could not be decoded (the 'skipped undecodable image' warnings name them), more than "
+             f"--max-bad-fraction {max_fraction} of {seen}: fix or remove them, or raise --max-bad-fraction")
+
+
+def all_finite(loss, model, acc) -> bool:
+    """--skip-nonfinite: are the loss and (unless fp16's scaler handles them) the gradients finite on every process?"""
+    ok = torch.isfinite(loss.detach()).all()
+    if acc.scaler is None:
+        ok &= torch.stack([p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]).all()
+    return acc.reduce(ok.float(), "sum").item() == acc.num_processes
+
+
+def snapshot(target, online) -> list:
+    """What a step changes besides the optimizer: the target encoder (EMA) and both encoders' BN statistics."""
+    return [t.clone() for t in (*target.state_dict().values(), *online.buffers())]
+
+
+def restore(target, online, snap: list):
+    for t, saved in zip((*target.state_dict().values(), *online.buffers()), snap):
+        t.copy_(saved)
