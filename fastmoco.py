@@ -197,6 +197,76 @@ def shuffle_bn_forward(encoder: nn.Module, x: torch.Tensor, generator: torch.Gen
     return k[torch.argsort(perm)][rank * b:(rank + 1) * b]
 
 
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Batch norm of x (N, C, *) with the statistics of the global batch of all processes: one all_reduce of
+    (sum, sum of squares, count) forward and one of (sum dy, sum dy * xhat) backward, as torch's SyncBatchNorm does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        dims, C = [0, *range(2, x.dim())], x.shape[1]
+        shape = [1, C] + [1] * (x.dim() - 2)
+        xf = x.float()
+        s = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([xf.numel() / C])])  # (2C + 1,)
+        dist.all_reduce(s)
+        n = s[-1]
+        mean = s[:C] / n
+        var = (s[C:2 * C] / n - mean * mean).clamp_min(0)  # biased: what normalises the batch
+        invstd = (var + eps).rsqrt()
+        xhat = (xf - mean.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd, n)
+        ctx.mark_non_differentiable(mean, var)
+        y = xhat * weight.view(shape) + bias.view(shape) if weight is not None else xhat
+        return y.to(x.dtype), mean, var * n / (n - 1).clamp_min(1)  # running_var is unbiased
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var):
+        xhat, weight, invstd, n = ctx.saved_tensors
+        dims, C = [0, *range(2, xhat.dim())], xhat.shape[1]
+        shape = [1, C] + [1] * (xhat.dim() - 2)
+        dyf = dy.float()
+        sums = torch.cat([dyf.sum(dims), (dyf * xhat).sum(dims)])  # local (C,) + (C,): the affine grads
+        g = sums.clone()
+        dist.all_reduce(g)
+        w = weight.view(shape).float() if weight is not None else 1.0
+        dx = w * invstd.view(shape) * (dyf - (g[:C] / n).view(shape) - xhat * (g[C:] / n).view(shape))
+        if weight is None:
+            return dx.to(dy.dtype), None, None, None
+        return dx.to(dy.dtype), sums[C:].to(weight.dtype), sums[:C].to(weight.dtype), None
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch of all processes on any device, CPU (gloo) included -- torch's
+    nn.SyncBatchNorm runs on GPUs only. Same parameters and buffers as BatchNorm1d/2d; plain BN on one process."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not (self.training and world()[1] > 1):
+            return super().forward(x)
+        y, mean, var = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+                self.num_batches_tracked += 1
+        return y
+
+
+def convert_sync_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d/2d of `module` by SyncBatchNorm, keeping its parameters, buffers and frozen flags."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            bn = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            for p, q in zip(bn.parameters(), child.parameters()):
+                p.requires_grad_(q.requires_grad)
+            setattr(module, name, bn.to(next(child.buffers(), torch.empty(0)).device))
+        else:
+            convert_sync_bn(child)
+    return module
+
+
 # ----------------------------------------------------------------------------- EMA, queue, schedules, optimizer
 
 @torch.no_grad()

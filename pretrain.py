@@ -202,8 +202,9 @@ def main(
     # 3. model, momentum encoder, optimizer, queue (same init on every process)
     torch.manual_seed(seed)
     model = fm.MoCo(method.value, arch, small_stem, grid, k)
-    if r["sync_bn"] and world > 1 and acc.device.type == "cuda":  # torch's SyncBN runs on GPUs only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if r["sync_bn"] and world > 1:  # torch's SyncBN runs on GPUs only, fastmoco's on CPUs too
+        model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if acc.device.type == "cuda" else
+                 fm.convert_sync_bn(model))
     target = fm.target_encoder(model)  # official MoCo v3: the momentum encoder uses SyncBN too
     if channels_last is None:  # measured on a 2-core AVX-512 CPU: channels_last helps bf16, hurts fp32
         channels_last = acc.device.type != "cpu" or acc.mixed_precision != "no"

@@ -262,3 +262,16 @@ def test_more_bad_arguments_get_one_line_errors(small, tmp_path, args, words):
     p = run("--data", small, "--output-dir", tmp_path, *args, check=False)
     err = p.stderr.strip().splitlines()
     assert p.returncode == 1 and len(err) == 1 and words in err[0], p.stderr
+
+
+def test_cpu_sync_bn_gives_global_batch_statistics():
+    """fastmoco.SyncBatchNorm under a real 2-process gloo launch equals plain BN on the whole batch (see
+    tests/syncbn_check.py): outputs (through the loss), gradients, and both encoders' running statistics."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           "29661", str(ROOT / "tests" / "syncbn_check.py")]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    ok = [line for line in p.stdout.splitlines() if line.startswith("OK rank")]
+    assert sorted(line.split()[2] for line in ok) == ["0", "1"], p.stdout
