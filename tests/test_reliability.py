@@ -275,3 +275,31 @@ def test_cpu_sync_bn_gives_global_batch_statistics():
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     ok = [line for line in p.stdout.splitlines() if line.startswith("OK rank")]
     assert sorted(line.split()[2] for line in ok) == ["0", "1"], p.stdout
+
+
+def launch2(port, *args, check=True):
+    """`accelerate launch pretrain.py` on 2 CPU processes (gloo)."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           str(port), str(ROOT / "pretrain.py"), "--arch", "resnet18", "--image-size", "32", "--no-small-stem",
+           "--workers", "0", "--log-every", "1", "--no-tensorboard", *map(str, args)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert not check or p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return p
+
+
+def test_two_process_resume_equals_uninterrupted(shards, tmp_path):
+    """2 processes, Fast-MoCo with the CPU SyncBN, streaming (one shard per process): stopped at step 2 and
+    restarted with the same command in the same directory, the run ends bit-identical to an uninterrupted one --
+    the per-process stream positions are gathered into the checkpoint. A batch the processes cannot share is
+    refused with one line."""
+    args = ["--data", shards, "--streaming", "--batch-size", 8, "--epochs", 1]
+    launch2(29663, *args, "--max-steps", 5, "--output-dir", tmp_path / "full")
+    launch2(29664, *args, "--max-steps", 2, "--output-dir", tmp_path / "part")
+    launch2(29665, *args, "--max-steps", 5, "--output-dir", tmp_path / "part")
+    tensors, meta = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
+    assert meta["world_size"] == 2 and tensors["data.stream"].shape == (2, 2)
+    assert_same_run(tmp_path / "full", tmp_path / "part")
+    p = launch2(29666, "--data", shards, "--batch-size", 9, "--output-dir", tmp_path / "odd", check=False)
+    assert p.returncode != 0 and "--batch-size 9 is not divisible by the 2 processes" in p.stderr, p.stderr[-2000:]
