@@ -293,6 +293,8 @@ def main(
                 cursor.update(i, info)
             if i < step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
                 continue
+            if step >= stop:  # resumed from a run that had already finished (a stream never ends by itself)
+                break
             bad += int(info[:, 0].sum())  # undecodable images replaced (map-style) or skipped (streaming)
             snap = runs.snapshot(target, online) if skip_nonfinite else None  # EMA, BN stats: rolled back on a skip
             x1 = x1.to(acc.device, non_blocking=True, memory_format=fmt)
