@@ -196,8 +196,8 @@ def skipped(what):
 
 class Views(torch.utils.data.Dataset):
     """Map-style: key (epoch, index) -> the transformed views of image `index`, seeded by (seed, epoch, index), and
-    an info row (undecodable images met, 0, 0, 0). An undecodable image is replaced by the next decodable one, so
-    batches keep their size and the run stays deterministic."""
+    an info row (1 if image `index` is undecodable, 0, 0, 0). An undecodable image is replaced by the next decodable
+    one, so batches keep their size and the run stays deterministic."""
 
     def __init__(self, ds, column, transforms, seed):
         self.ds, self.column, self.transforms, self.seed = ds, column, transforms, seed
