@@ -1,10 +1,13 @@
 """Data for the stage scripts: the built-in demo set, Hugging Face datasets (Hub streaming, local parquet / image
 folders / saved datasets), each method's augmentations, and seeded samplers that make runs exactly resumable."""
 
+import io
 import os
 import random
+import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw
 from torchvision.transforms import v2
@@ -169,8 +172,39 @@ def load_split(data: str, split: str, streaming: bool):
     return (ds.to_iterable_dataset(num_shards=64) if streaming else ds), len(ds)
 
 
+def load_rgb(value):
+    """An RGB PIL image from a dataset value (undecoded {"bytes", "path"}, raw bytes, or PIL), or None if it cannot
+    be decoded (truncated, empty, not an image, a decompression bomb). Modes are converted: grayscale, CMYK and
+    palette -> RGB, 16-bit -> 8-bit, transparency composited on white."""
+    try:
+        img = value
+        if isinstance(value, dict):
+            img = value.get("bytes") or value.get("path")
+        if isinstance(img, (bytes, bytearray)):
+            img = io.BytesIO(img)
+        if not isinstance(img, Image.Image):
+            img = Image.open(img)
+        img.load()  # decode now: a truncated file fails here, not inside the transforms
+        if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16/32-bit grayscale: scale to 8 bits
+            a = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.clip(a / 257 if a.max() > 255 else a, 0, 255).astype(np.uint8))
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        img = img.convert("RGB")
+        return img if img.width and img.height else None
+    except Exception:  # PIL raises many types on broken files; one bad file must not end a multi-hour run
+        return None
+
+
+def skipped(what):
+    print(f"warning: skipped undecodable image {what}", file=sys.stderr, flush=True)
+
+
 class Views(torch.utils.data.Dataset):
-    """Map-style: key (epoch, index) -> the transformed views of image `index`, seeded by (seed, epoch, index)."""
+    """Map-style: key (epoch, index) -> the transformed views of image `index`, seeded by (seed, epoch, index), and
+    an info row (1 if image `index` is undecodable, 0, 0, 0). An undecodable image is replaced by the next decodable
+    one, so batches keep their size and the run stays deterministic."""
 
     def __init__(self, ds, column, transforms, seed):
         self.ds, self.column, self.transforms, self.seed = ds, column, transforms, seed
@@ -180,10 +214,19 @@ class Views(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        img = self.ds[i][self.column].convert("RGB")  # grayscale / CMYK / RGBA / palette -> RGB
+        img = load_rgb(self.ds[i][self.column])
+        bad = int(img is None)  # counted once, in its own slot
+        if bad:
+            skipped(f"#{i}")
+        for j in range(i + 1, i + len(self.ds)):  # the stand-in: the next decodable image
+            if img is not None:
+                break
+            img = load_rgb(self.ds[j % len(self.ds)][self.column])
+        if img is None:
+            fail("no image of the dataset can be decoded")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
-            return tuple(t(img) for t in self.transforms)
+            return (*(t(img) for t in self.transforms), torch.tensor([bad, 0, 0, 0]))
 
 
 class GlobalBatches(torch.utils.data.Sampler):
@@ -208,40 +251,90 @@ class GlobalBatches(torch.utils.data.Sampler):
 
 
 class StreamViews(torch.utils.data.IterableDataset):
-    """Streaming: this process's shards (reshuffled each epoch), endlessly; DataLoader workers split the shards."""
+    """Streaming: this process's shards (reshuffled each epoch), endlessly; DataLoader workers split the shards.
+    Each sample carries an info row (undecodable images skipped before it, worker, epoch, position after it in the
+    worker's epoch) so the run can save where every worker is; `positions` {worker: (epoch, position)} resumes there."""
 
-    def __init__(self, ds, column, transforms, seed, start_epoch):
-        self.ds, self.column, self.transforms, self.seed, self.start_epoch = ds, column, transforms, seed, start_epoch
+    def __init__(self, ds, column, transforms, seed, positions=None):
+        self.ds, self.column, self.transforms, self.seed, self.positions = ds, column, transforms, seed, positions
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid = info.id if info else 0
-        for epoch in range(self.start_epoch, 10 ** 9):
+        start, skip = (self.positions or {}).get(wid, (0, 0))
+        bad = 0
+        for epoch in range(start, 10 ** 9):
             self.ds.set_epoch(epoch)
             j = -1
             for j, ex in enumerate(self.ds):
+                if epoch == start and j < skip:  # consumed before the checkpoint (not decoded: cheap)
+                    continue
+                img = load_rgb(ex[self.column])
+                if img is None:
+                    bad += 1
+                    skipped(f"{ex[self.column].get('path') if isinstance(ex[self.column], dict) else None} "
+                            f"(epoch {epoch}, worker {wid}, position {j})")
+                    continue
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(sample_seed(self.seed, epoch, wid, j, fm.world()[0]))
-                    img = ex[self.column].convert("RGB")
-                    yield tuple(t(img) for t in self.transforms)
+                    yield (*(t(img) for t in self.transforms), torch.tensor([bad, wid, epoch, j + 1]))
+                bad = 0
             if j == -1:  # more workers than shards: this worker got none; end it rather than spin forever
                 return
 
 
-def loader_for(ds, n, streaming, column, transforms, batch, rank, world, seed, start, stop, workers, pin=False):
-    """DataLoader of this process's local batches (batch // world images) from step `start` to `stop`."""
-    kw = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
-              prefetch_factor=4 if workers > 0 else None)
+class StreamCursor:
+    """Where each worker of a streaming DataLoader is, for an exact resume. Workers hand out batches in turn (batch k
+    from worker k % W), and a restarted loader starts with worker 0, so the state saved after `step` batches is each
+    worker's position at the last multiple of W; the resumed run regenerates and drops the step % W batches after it."""
+
+    def __init__(self, workers, first, positions=None):
+        self.W, self.first = max(1, workers), first
+        self.initial = positions or {w: (0, 0) for w in range(self.W)}
+        self.ends = {}  # batch index -> (epoch, position) after it
+
+    def update(self, k, info):
+        self.ends[k] = tuple(info[-1, 2:].tolist())
+        self.ends.pop(k - 2 * self.W, None)
+
+    def state(self, step) -> torch.Tensor:
+        s0 = step - step % self.W
+        return torch.tensor([self.ends[s0 - self.W + w] if s0 - self.W + w >= self.first else self.initial[w]
+                             for w in range(self.W)])  # (W, 2)
+
+
+def loader_for(ds, n, streaming, column, transforms, batch, rank, world, seed, start, stop, workers, pin=False,
+               stream_state=None):
+    """DataLoader of this process's local batches (batch // world images) from step `start` to `stop`; samples are
+    (x1, x2, info) (see Views, StreamViews). Images are decoded here (load_rgb), so a broken file is skipped, not
+    fatal. Streaming: `stream_state` (the saved StreamCursor states of all processes) resumes inside the epoch; the
+    loader's `cursor` tracks the workers."""
+    import datasets
+
+    if isinstance((ds.features or {}).get(column), datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))
     if streaming:
         import datasets.distributed
 
         # REFERENCE: ImageNet's 294 shards do not divide 4 or 8 processes; split_dataset_by_node would then make every
         # process read everything. Give each process whole shards instead (uneven by at most one).
+        workers = min(workers, ds.num_shards // world if ds.num_shards >= world else ds.num_shards)  # same on all
         if world > 1:
             ds = ds.shard(world, rank) if ds.num_shards >= world else datasets.distributed.split_dataset_by_node(
                 ds, rank, world)
-        views = StreamViews(ds.shuffle(seed=seed, buffer_size=10_000), column, transforms, seed, start // (n // batch))
-        return torch.utils.data.DataLoader(views, batch_size=batch // world, drop_last=True, **kw)
+    kw = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
+              prefetch_factor=4 if workers > 0 else None)
+    if streaming:
+        W, positions = max(1, workers), None
+        if stream_state is not None:
+            if tuple(stream_state.shape) != (world * W, 2):
+                fail(f"this streamed run was saved with {len(stream_state)} data streams, not {world} processes x {W}"
+                     " workers: resume it with the process count and --workers it was started with")
+            positions = {w: tuple(stream_state[rank * W + w].tolist()) for w in range(W)}
+        views = StreamViews(ds.shuffle(seed=seed, buffer_size=10_000), column, transforms, seed, positions)
+        loader = torch.utils.data.DataLoader(views, batch_size=batch // world, drop_last=True, **kw)
+        loader.cursor = StreamCursor(W, start - start % W, positions)
+        return loader
     sampler = GlobalBatches(n, batch, rank, world, seed, start, stop)
     return torch.utils.data.DataLoader(Views(ds, column, transforms, seed), batch_sampler=sampler, **kw)
 

@@ -197,6 +197,76 @@ def shuffle_bn_forward(encoder: nn.Module, x: torch.Tensor, generator: torch.Gen
     return k[torch.argsort(perm)][rank * b:(rank + 1) * b]
 
 
+class _GlobalBatchNorm(torch.autograd.Function):
+    """Batch norm of x (N, C, *) with the statistics of the global batch of all processes: one all_reduce of
+    (sum, sum of squares, count) forward and one of (sum dy, sum dy * xhat) backward, as torch's SyncBatchNorm does."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        dims, C = [0, *range(2, x.dim())], x.shape[1]
+        shape = [1, C] + [1] * (x.dim() - 2)
+        xf = x.float()
+        s = torch.cat([xf.sum(dims), (xf * xf).sum(dims), xf.new_tensor([xf.numel() / C])])  # (2C + 1,)
+        dist.all_reduce(s)
+        n = s[-1]
+        mean = s[:C] / n
+        var = (s[C:2 * C] / n - mean * mean).clamp_min(0)  # biased: what normalises the batch
+        invstd = (var + eps).rsqrt()
+        xhat = (xf - mean.view(shape)) * invstd.view(shape)
+        ctx.save_for_backward(xhat, weight, invstd, n)
+        ctx.mark_non_differentiable(mean, var)
+        y = xhat * weight.view(shape) + bias.view(shape) if weight is not None else xhat
+        return y.to(x.dtype), mean, var * n / (n - 1).clamp_min(1)  # running_var is unbiased
+
+    @staticmethod
+    def backward(ctx, dy, _mean, _var):
+        xhat, weight, invstd, n = ctx.saved_tensors
+        dims, C = [0, *range(2, xhat.dim())], xhat.shape[1]
+        shape = [1, C] + [1] * (xhat.dim() - 2)
+        dyf = dy.float()
+        sums = torch.cat([dyf.sum(dims), (dyf * xhat).sum(dims)])  # local (C,) + (C,): the affine grads
+        g = sums.clone()
+        dist.all_reduce(g)
+        w = weight.view(shape).float() if weight is not None else 1.0
+        dx = w * invstd.view(shape) * (dyf - (g[:C] / n).view(shape) - xhat * (g[C:] / n).view(shape))
+        if weight is None:
+            return dx.to(dy.dtype), None, None, None
+        return dx.to(dy.dtype), sums[C:].to(weight.dtype), sums[:C].to(weight.dtype), None
+
+
+class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm over the global batch of all processes on any device, CPU (gloo) included -- torch's
+    nn.SyncBatchNorm runs on GPUs only. Same parameters and buffers as BatchNorm1d/2d; plain BN on one process."""
+
+    def _check_input_dim(self, x):
+        pass
+
+    def forward(self, x):
+        if not (self.training and world()[1] > 1):
+            return super().forward(x)
+        y, mean, var = _GlobalBatchNorm.apply(x, self.weight, self.bias, self.eps)
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.running_mean.lerp_(mean.to(self.running_mean.dtype), self.momentum)
+                self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
+                self.num_batches_tracked += 1
+        return y
+
+
+def convert_sync_bn(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm1d/2d of `module` by SyncBatchNorm, keeping its parameters, buffers and frozen flags."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.modules.batchnorm._BatchNorm):
+            bn = SyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats)
+            bn.load_state_dict(child.state_dict())
+            for p, q in zip(bn.parameters(), child.parameters()):
+                p.requires_grad_(q.requires_grad)
+            setattr(module, name, bn.to(next(child.buffers(), torch.empty(0)).device))
+        else:
+            convert_sync_bn(child)
+    return module
+
+
 # ----------------------------------------------------------------------------- EMA, queue, schedules, optimizer
 
 @torch.no_grad()
@@ -337,11 +407,26 @@ def save_checkpoint(path, tensors: dict, metadata: dict):
     """Atomic write: a temporary file, fsync, then rename, so `path` is never a half-written file."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={k: json.dumps(v) for k, v in metadata.items()})
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    metadata = dict(metadata, tensors_sha256=tensors_hash(tensors))  # load_checkpoint detects corrupted bytes
+    try:
+        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+    except (SafetensorError, OSError) as e:  # full disk, quota, file size limit: `path` is untouched
+        tmp.unlink(missing_ok=True)
+        raise OSError(f"cannot write {path}: {e}") from None
     os.replace(tmp, path)
+
+
+def tensors_hash(tensors: dict) -> str:
+    """sha256 of every tensor's name, dtype, shape and raw bytes, in name order."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        v = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+    return h.hexdigest()
 
 
 def load_checkpoint(path):
@@ -356,6 +441,8 @@ def load_checkpoint(path):
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{path} is not a readable safetensors checkpoint ({e}); pass a .safetensors file "
                          "written by pretrain.py or safetensors.torch.save_file") from None
+    if "tensors_sha256" in meta and meta.pop("tensors_sha256") != tensors_hash(tensors):
+        raise ValueError(f"{path} is corrupt: its tensors do not match the checksum written with them")
     return tensors, meta
 
 

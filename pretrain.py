@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
+import runs
 import variants as vr
 from data import augmentations, clean_transform, fail, load_split, loader_for, sample_seed, small_crops
 
@@ -93,20 +94,6 @@ def knn_top1(backbone, train, val, column, size, acc, batch=256) -> float:
     return 100.0 * (pred == q_y).float().mean().item()
 
 
-def state_tensors(model, target, optimizer, queue, ptr, acc) -> dict:
-    """Everything a resume needs, as flat tensors (see README, "Checkpoint layout")."""
-    t = dict(model.state_dict())  # backbone.* (torchvision names), projector.*, predictor.*
-    t.update({f"target.{k}": v for k, v in target.state_dict().items()})
-    t.update(fm.optimizer_tensors(optimizer))
-    if queue is not None:
-        t.update(queue=queue, queue_ptr=torch.tensor(ptr))
-    t["rng.torch"] = torch.get_rng_state()
-    if acc.scaler is not None:  # fp16 loss scaler
-        t.update({f"scaler.{k}": torch.tensor(v) for k, v in acc.scaler.state_dict().items()
-                  if isinstance(v, (int, float))})
-    return t
-
-
 @app.command()
 def main(
     data: Annotated[str, typer.Option(help="Hub dataset name (streamed), local folder of parquet files / images, "
@@ -156,9 +143,16 @@ def main(
     output_dir: Annotated[Path, typer.Option(help="Checkpoints, log.jsonl and TensorBoard logs go here.")] = Path(
         "runs/pretrain"),
     seed: Annotated[int, typer.Option(help="Seeds the init, the data order and every augmentation.")] = 0,
-    resume: Annotated[Optional[Path], typer.Option(help="Continue the run saved in this checkpoint.")] = None,
+    resume: Annotated[Optional[Path], typer.Option(
+        help="Continue the run saved in this checkpoint. Default: DIR's newest valid checkpoint if there is one "
+             "(restart a killed job with the same command); a new run needs a new --output-dir.")] = None,
     save_every: Annotated[int, typer.Option(help="Write DIR/ckpt-STEP.safetensors every N steps (0 = off).")] = 1000,
-    keep: Annotated[int, typer.Option(help="Keep only the newest N periodic checkpoints.")] = 3,
+    keep: Annotated[int, typer.Option(help="Keep only the newest N periodic checkpoints (0 = all).")] = 3,
+    skip_nonfinite: Annotated[bool, typer.Option(
+        help="Skip (and count) a step whose loss or gradients are NaN/inf instead of stopping the run.")] = False,
+    max_bad_fraction: Annotated[float, typer.Option(
+        help="Undecodable images are skipped and logged; stop when more than this fraction of the images is.")
+                                ] = 0.01,
     log_every: Annotated[int, typer.Option(help="Sync and log the loss every N steps.")] = 20,
     knn_every: Annotated[int, typer.Option(
         help="kNN top-1 of the online backbone every N epochs on labelled local data (0 = off).")] = 0,
@@ -193,6 +187,8 @@ def main(
     B, world = r["batch_size"], acc.num_processes
     if arch not in fm.ARCHS:
         fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    runs.check_ranges({"--lr": (r["lr"], 0), "--batch-size": (B, 1), "--keep": (keep, 0), "--log-every": (log_every, 1),
+                       "--save-every": (save_every, 0), "--max-bad-fraction": (max_bad_fraction, 0, 1)})
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
     if patches and (image_size % grid or not 1 <= k < grid * grid):
@@ -206,6 +202,9 @@ def main(
              "--mixed-precision no, --small-stem, or a larger --image-size")
     if resume is not None and not resume.is_file():
         fail(f"--resume {resume} does not exist")
+    point = runs.resume_point(output_dir, resume)  # --resume, else DIR's newest valid checkpoint (or None)
+    if point is not None:
+        runs.check_same_run(point, args)  # the same run continues: its settings must be the checkpoint's
 
     # 2. data
     hub = not Path(data).expanduser().exists() and data != "demo"
@@ -236,8 +235,9 @@ def main(
     torch.manual_seed(seed)
     model = vr.Encoder(method.value, arch, small_stem, patches, grid, k, pipeline.value, combine.value, combine_lambda,
                        beta_alpha, combinations) if variant else fm.MoCo(method.value, arch, small_stem, grid, k)
-    if r["sync_bn"] and world > 1 and acc.device.type == "cuda":  # torch's SyncBN runs on GPUs only
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if r["sync_bn"] and world > 1:  # torch's SyncBN runs on GPUs only, fastmoco's on CPUs too
+        model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if acc.device.type == "cuda" else
+                 fm.convert_sync_bn(model))
     target = fm.target_encoder(model)  # official MoCo v3: the momentum encoder uses SyncBN too
     if channels_last is None:  # measured on a 2-core AVX-512 CPU: channels_last helps bf16, hurts fp32
         channels_last = acc.device.type != "cpu" or acc.mixed_precision != "no"
@@ -250,43 +250,45 @@ def main(
     if queued:
         queue = nn.functional.normalize(torch.randn(queue_size, 256 if method == Method.nnclr else 128), dim=1).to(
             acc.device)  # (K, 128) negatives, or NNCLR's (K, 256) support set
-    step = 0
-    if resume is not None:
-        tensors, meta = fm.load_checkpoint(resume)
-        if meta.get("method") != method.value or meta.get("arch") != arch:
-            fail(f"{resume} is a {meta.get('method')}/{meta.get('arch')} checkpoint; this run is {method.value}/{arch}")
-        model.load_state_dict({n_: v for n_, v in tensors.items() if n_.split(".")[0] in (
-            "backbone", "projector", "predictor")})
-        target.load_state_dict(fm.prefixed(tensors, "target."))
-        fm.load_optimizer_tensors(optimizer, tensors)
-        if queued:
-            queue.copy_(tensors["queue"])
-            ptr = int(tensors["queue_ptr"])
-        torch.set_rng_state(tensors["rng.torch"])
-        step = meta["step"]
+    step, skipped = 0, 0
+    if point is not None:
+        _, tensors, meta = point
+        ptr, step, skipped = runs.load_state(tensors, meta, model, target, optimizer, queue)
     model, optimizer = acc.prepare(model, optimizer)  # DDP: the momentum encoder has no trainable params, not prepared
-    if acc.scaler is not None and resume is not None:
+    if acc.scaler is not None and point is not None:
         acc.scaler.load_state_dict({k_[7:]: v.item() for k_, v in tensors.items() if k_.startswith("scaler.")} or
                                    acc.scaler.state_dict())
     online = acc.unwrap_model(model)
     loader = loader_for(ds, n, streaming, image_column, augmentations(r["aug"], image_size) +
                         small_crops(r["aug"], multi_crop_size, multi_crop), B, acc.process_index,
-                        world, seed, step, stop, workers, pin=acc.device.type == "cuda")
+                        world, seed, step, stop, workers, pin=acc.device.type == "cuda",
+                        stream_state=tensors.get("data.stream") if point else None)
+    cursor = getattr(loader, "cursor", None)  # streaming: where each worker is, saved for an exact resume
+    batches = iter(loader)  # draws the workers' base seed from the torch RNG: restore the saved state after it
+    if point is not None:
+        torch.set_rng_state(tensors["rng.torch"])
 
     # 4. train
     output_dir.mkdir(parents=True, exist_ok=True)
     acc.init_trackers("pretrain", config={k_: v for k_, v in args.items() if isinstance(v, (int, float, str, bool))})
     meta = dict(format="fastmoco-pretrain-v1", method=method.value, arch=arch, small_stem=small_stem, world_size=world,
                 image_size=image_size, args=args, recipe=r, fastmoco_sha256=fm.source_hash())
+    if acc.is_main_process:
+        runs.trim_log(output_dir / "log.jsonl", step)  # rows after the checkpoint are written again
     log = open(output_dir / "log.jsonl", "a") if acc.is_main_process else None
 
     def save(path):
         acc.wait_for_everyone()
+        extra = {"data.stream": acc.gather(cursor.state(step).to(acc.device))} if cursor else {}  # (world * W, 2)
         if acc.is_main_process:
-            fm.save_checkpoint(path, state_tensors(online, target, optimizer, queue, ptr, acc),
-                               dict(meta, step=step, epoch=step / per_epoch, total_steps=total))
-            for old in sorted(output_dir.glob("ckpt-*.safetensors"))[:-keep or None]:
-                old.unlink()
+            try:
+                fm.save_checkpoint(path, {**runs.state_tensors(online, target, optimizer, queue, ptr, acc), **extra},
+                                   dict(meta, step=step, epoch=step / per_epoch, total_steps=total,
+                                        skipped_steps=skipped))
+            except OSError as e:
+                fail(f"{e}; free disk space and rerun the same command: it resumes from the last checkpoint in "
+                     f"{output_dir}, which is intact")
+            runs.rotate(output_dir, keep)
 
     def record(row):
         row = dict(step=step, epoch=round(step / per_epoch, 3), **row)
@@ -306,11 +308,20 @@ def main(
         knn()
     warmup, milestones = r["warmup_epochs"] * per_epoch, [round(f * total) for f in r["milestones"]]
     running, t_log, s_log = torch.zeros((), device=acc.device), time.perf_counter(), step
+    skipped_log, bad = 0, 0
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     with progress:
         task = progress.add_task(f"{method.value} {arch}", total=stop, completed=step, info="")
-        for x1, x2, *small in loader:
+        for i, (x1, x2, *small, info) in enumerate(batches, cursor.first if cursor else step):
+            if cursor:
+                cursor.update(i, info)
+            if i < step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
+                continue
+            if step >= stop:  # resumed from a run that had already finished (a stream never ends by itself)
+                break
+            bad += int(info[:, 0].sum())  # undecodable images replaced (map-style) or skipped (streaming)
+            snap = runs.snapshot(target, online) if skip_nonfinite else None  # EMA, BN stats: rolled back on a skip
             x1, x2, *small = (x.to(acc.device, non_blocking=True, memory_format=fmt) for x in (x1, x2, *small))
             lr_now = fm.lr_at(step, total, base_lr, warmup, r["warmup_from"], milestones)
             m = fm.momentum_at(step, total, r["momentum"], r["cosine_momentum"])
@@ -331,20 +342,29 @@ def main(
             acc.backward(loss)
             if r["clip_grad"]:
                 acc.clip_grad_norm_(model.parameters(), r["clip_grad"])
-            optimizer.step()
-            if queued:
-                ptr = fm.enqueue(queue, ptr, keys)
+            if skip_nonfinite and not runs.all_finite(loss, model, acc):  # no optimizer, EMA, BN or queue update
+                runs.restore(target, online, snap)
+                skipped, skipped_log = skipped + 1, skipped_log + 1
+            else:
+                optimizer.step()
+                if queued:
+                    ptr = fm.enqueue(queue, ptr, keys)
+                running += loss.detach()
             step += 1
-            running += loss.detach()
-            if step % log_every == 0 or step == stop:  # the only host sync of the loop
-                mean = acc.reduce(running, "mean").item() / (step - s_log)
-                if not math.isfinite(mean):
-                    fail(f"loss is {mean} at step {step}; the last checkpoint in {output_dir} is intact")
+            if step % log_every == 0 or step == stop or (save_every and step % save_every == 0):  # host syncs
+                done = step - s_log - skipped_log  # steps in this window that were not skipped
+                mean = acc.reduce(running, "mean").item() / done if done else math.nan
+                if not math.isfinite(mean) and not skip_nonfinite:  # checked before any save: no NaN on disk
+                    fail(f"loss is {mean} at step {step}; the last checkpoint in {output_dir} is intact (rerun "
+                         "the same command with a lower --lr, or --skip-nonfinite)")
+                bad_all = int(acc.reduce(torch.tensor(float(bad), device=acc.device), "sum").item())
+                runs.check_bad_images(bad_all, max(step * B, n), max_bad_fraction)
                 ips = (step - s_log) * B / (time.perf_counter() - t_log)
-                record(dict(loss=mean, lr=lr_now, m=m, img_per_s=round(ips, 1)))
+                record(dict(loss=mean, lr=lr_now, m=m, img_per_s=round(ips, 1), skipped_steps=skipped,
+                            bad_images=bad_all))
                 progress.update(task, info=f"loss {mean:.4f} lr {lr_now:.3g} m {m:.4f} {ips:.0f} img/s")
                 running.zero_()
-                t_log, s_log = time.perf_counter(), step
+                t_log, s_log, skipped_log = time.perf_counter(), step, 0
             progress.update(task, completed=step)
             if knn_every and step % (knn_every * per_epoch) == 0:
                 t_log += knn()  # kNN time is not training time
