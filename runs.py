@@ -111,10 +111,13 @@ def check_same_run(point, args: dict):
     (auto-resume picks up DIR's checkpoint, so a new experiment in an old --output-dir would otherwise mix the two)."""
     path, _, meta = point
     saved = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    if (meta.get("method"), meta.get("arch")) != (args["method"], args["arch"]):
+        fail(f"{path} is a {meta.get('method')}/{meta.get('arch')} checkpoint; this run is {args['method']}/"
+             f"{args['arch']} (a new run needs a new --output-dir)")
     differ = [k for k, v in args.items() if k not in FREE and k in saved and saved[k] != v]
-    if meta.get("method") != args["method"] or differ:
-        fail(f"{path} was written by a run with other settings ({', '.join(differ or ['method'])}): use a new "
-             f"--output-dir for a new run, or the checkpoint's settings to continue it")
+    if differ:
+        fail(f"{path} was written by a run with other settings ({', '.join(differ)}): use a new --output-dir for a "
+             f"new run, or the checkpoint's settings to continue it")
 
 
 # ----------------------------------------------------------------------------- guards

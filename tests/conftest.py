@@ -34,6 +34,12 @@ def labelled(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def parquet(labelled):
+    """The same folder under the name the pretraining tests use."""
+    return labelled
+
+
+@pytest.fixture(scope="session")
 def pretrained(labelled, tmp_path_factory):
     """{method: checkpoint} of one pretrain.py step each (resnet18, standard stem, 32 px), the four runs at once."""
     runs = {}

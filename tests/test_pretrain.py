@@ -34,15 +34,6 @@ def read_log(d):
     return [json.loads(line) for line in (Path(d) / "log.jsonl").read_text().splitlines()]
 
 
-@pytest.fixture(scope="module")
-def parquet(tmp_path_factory):
-    """A Hugging Face style folder: train-*.parquet (48 images) and test-*.parquet (20), columns image, label."""
-    d = tmp_path_factory.mktemp("parquet")
-    demo_dataset("train").select(range(48)).to_parquet(str(d / "train-00000-of-00001.parquet"))
-    demo_dataset("test").select(range(20)).to_parquet(str(d / "test-00000-of-00001.parquet"))
-    return d
-
-
 @pytest.mark.parametrize("method", ["fastmoco", "mocov3", "mocov2", "mocov1"])
 def test_method_runs_and_checkpoint_loads_into_torchvision(parquet, tmp_path, method):
     extra = ["--queue-size", "16"] if method in ("mocov1", "mocov2") else []

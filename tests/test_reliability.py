@@ -142,6 +142,17 @@ def test_full_disk_gives_one_line_error_and_keeps_the_checkpoint(small, tmp_path
     assert ckpt.read_bytes() == before and fm.load_checkpoint(ckpt)[1]["step"] == 1
 
 
+def test_resume_with_other_settings_is_refused(small, tmp_path):
+    """Automatic resume continues the run in --output-dir: a command that would compute something else there (another
+    seed, grid, batch) is refused with one line naming the flags; flags that only change how it runs are accepted."""
+    run("--data", small, "--max-steps", 1, "--output-dir", tmp_path)
+    p = run("--data", small, "--max-steps", 1, "--output-dir", tmp_path, "--seed", 1, "--grid", 4, check=False)
+    err = p.stderr.strip().splitlines()
+    assert p.returncode == 1 and "other settings (grid, seed)" in err[-1] and "new --output-dir" in err[-1], p.stderr
+    p = run("--data", small, "--max-steps", 2, "--output-dir", tmp_path, "--log-every", 2, "--save-every", 5)
+    assert "resuming from" in p.stderr and fm.load_checkpoint(tmp_path / "ckpt.safetensors")[1]["step"] == 2
+
+
 def image_bytes(img, fmt, **kw):
     b = io.BytesIO()
     img.save(b, fmt, **kw)
