@@ -1,0 +1,61 @@
+"""bench/ scripts run end to end in tiny configurations and print the tables the README quotes (never timed here)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(script, *args):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], capture_output=True, text=True,
+                       cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p.stdout
+
+
+def table(out: str):
+    """(columns, rows as dicts) of the first markdown table in `out`."""
+    lines = [line for line in out.splitlines() if line.startswith("|")]
+    split = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    columns = split(lines[0])
+    assert set(lines[1]) <= set("|-")
+    return columns, [dict(zip(columns, split(line))) for line in lines[2:]]
+
+
+def test_step_cost_table():
+    out = bench("step_cost.py", "--arch", "resnet18", "--image-size", 32, "--batch-size", 4, "--steps", 2,
+                "--warmup", 0, "--threads", 1, "--mixed-precision", "no", "--no-channels-last")
+    columns, rows = table(out)
+    assert columns == ["method", "step_ms", "floor_ms", "step/floor", "img/s", "ema_ms", "opt.step_ms",
+                       "divide+combine_ms"]
+    assert [r["method"] for r in rows] == ["fastmoco", "mocov3"]
+    for r in rows:  # the ratio column is the ratio of the two time columns
+        assert abs(float(r["step/floor"]) - float(r["step_ms"]) / float(r["floor_ms"])) < 0.01 * float(r["step/floor"])
+    assert rows[1]["divide+combine_ms"] == "-" and float(rows[0]["divide+combine_ms"]) > 0
+    assert "Fast-MoCo / MoCo v3 step time:" in out
+
+
+def test_data_pipeline_table():
+    out = bench("data_pipeline.py", "--images", 2, "--rounds", 1, "--size", 32, "--source-size", "96x64")
+    columns, rows = table(out)
+    assert columns == ["pipeline", "source", "img/s/core", "ms/img"]
+    assert len(rows) == 5 and all(r["source"] == "96x64 JPEG" and float(r["img/s/core"]) > 0 for r in rows)
+    assert any(r["pipeline"].startswith("data.Views, Fast-MoCo") for r in rows)
+
+
+def test_memory_table():
+    out = bench("memory.py", "--arch", "resnet18", "--image-size", 32, "--batch-size", 4, "--steps", 1,
+                "--mixed-precision", "no")
+    columns, rows = table(out)
+    assert columns == ["method", "before_MiB", "peak_MiB", "step_MiB"]
+    assert [r["method"] for r in rows] == ["fastmoco", "mocov3"]
+    for r in rows:
+        assert int(r["peak_MiB"]) >= int(r["before_MiB"]) > 0
+        assert int(r["step_MiB"]) == int(r["peak_MiB"]) - int(r["before_MiB"])
+
+
+def test_sample_efficiency_skips_without_data(tmp_path):
+    out = bench("sample_efficiency.py", "--data", tmp_path / "no-cifar10", "--out", tmp_path / "out")
+    assert out.startswith("skipped: no CIFAR-10 parquet files") and not (tmp_path / "out").exists()
