@@ -5,6 +5,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pytest
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -59,3 +63,30 @@ def test_memory_table():
 def test_sample_efficiency_skips_without_data(tmp_path):
     out = bench("sample_efficiency.py", "--data", tmp_path / "no-cifar10", "--out", tmp_path / "out")
     assert out.startswith("skipped: no CIFAR-10 parquet files") and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("size,kernel", [(224, 23), (37, 5)])
+def test_separable_blur_matches_torchvision(size, kernel):
+    """data.SeparableBlur (the fast blur of every augmentation) against torchvision's k x k blur: the same sigma draw
+    (same RNG use), output equal up to float rounding, for PIL images and uint8 tensors."""
+    from PIL import Image
+    from torchvision.transforms import v2
+
+    from data import SeparableBlur
+
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        x = torch.randint(0, 256, (3, size, size + 8), dtype=torch.uint8, generator=g)
+        x = (v2.functional.gaussian_blur(x, 9, 3.0) // 2 + x // 2)  # some smooth structure, some noise
+        for inpt in (x, Image.fromarray(x.permute(1, 2, 0).numpy())):
+            outs = []
+            for blur in (v2.GaussianBlur(kernel, (0.1, 2.0)), SeparableBlur(kernel, (0.1, 2.0))):
+                torch.manual_seed(i)
+                y = blur(inpt)
+                outs.append((torch.as_tensor(np.array(y)).permute(2, 0, 1) if isinstance(y, Image.Image) else y,
+                             torch.rand(())))  # the next draw: the RNG was used alike
+            (ref, r_ref), (got, r_got) = outs
+            assert got.shape == ref.shape and got.dtype == ref.dtype and r_got == r_ref
+            diff = (got.int() - ref.int()).abs()
+            assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
+            assert not torch.equal(got, x)  # it did blur
