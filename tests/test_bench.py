@@ -1,5 +1,6 @@
 """bench/ scripts run end to end in tiny configurations and print the tables the README quotes (never timed here)."""
 
+import itertools
 import os
 import subprocess
 import sys
@@ -90,3 +91,21 @@ def test_separable_blur_matches_torchvision(size, kernel):
             diff = (got.int() - ref.int()).abs()
             assert diff.max() <= 1 and (diff > 0).float().mean() < 1e-3
             assert not torch.equal(got, x)  # it did blur
+
+
+def test_combine_weights_built_once_and_safe_after_inference_mode():
+    """fastmoco.combine's weight matrix is cached per (P, k, device, dtype) -- no per-step CPU -> GPU copy (a host
+    sync) -- and a first call under inference_mode does not poison later training calls."""
+    import fastmoco as fm
+
+    fm.combination_weights.cache_clear()
+    f = torch.randn(4 * 3, 5, requires_grad=True)  # P=4 patches of N=3 images, D=5
+    with torch.inference_mode():
+        fm.combine(f.detach(), 4, 2)
+    out = fm.combine(f, 4, 2)  # (6*3, 5), through the weights cached above
+    out.sum().backward()  # would raise if the cached weights were an inference tensor
+    assert fm.combination_weights(4, 2, f.device, f.dtype) is fm.combination_weights(4, 2, f.device, f.dtype)
+    assert fm.combination_weights.cache_info().misses == 1
+    ref = torch.cat([f.view(4, 3, 5)[list(s)].mean(0) for s in itertools.combinations(range(4), 2)])  # (6*3, 5)
+    assert torch.allclose(out, ref)
+    assert torch.allclose(f.grad, torch.full_like(f, 1.5))  # each patch is in 3 of the 6 pairs, with weight 1/2
