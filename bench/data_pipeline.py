@@ -9,17 +9,22 @@ photo); no dataset needed. A loader with W workers feeds about W x the img/s bel
 """
 
 import io
+import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
 import torch
 import torchvision.transforms as T
+import torchvision.transforms.v2
 import typer
 from PIL import Image, ImageDraw
 
-from common import markdown
-from data import MEAN, STD, Views, augmentations
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: data.py
+import data  # noqa: E402
+from common import markdown  # noqa: E402
+from data import MEAN, STD, Views, augmentations  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 COLUMNS = ["pipeline", "source", "img/s/core", "ms/img"]
@@ -62,6 +67,15 @@ def plain_fastmoco(size: int):
                       T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
+def with_torchvision_blur(name: str, size: int):
+    """augmentations(name, size) with torchvision's k x k GaussianBlur in place of data.SeparableBlur (as before)."""
+    data.SeparableBlur, fast = T.v2.GaussianBlur, data.SeparableBlur
+    try:
+        return augmentations(name, size)
+    finally:
+        data.SeparableBlur = fast
+
+
 def rates(fns: dict, n: int, rounds: int) -> dict:
     """{name: images per second} of each fn(i) over i in range(n): passes interleaved round-robin after one untimed
     warm-up pass, best of `rounds` (the pass least disturbed by other load on the machine)."""
@@ -96,12 +110,14 @@ def main(
     files, src = Files(blobs), f"{w}x{h} JPEG"
     fm_views, v3_views = Views(files, "image", augmentations("fastmoco", size), 0), Views(
         files, "image", augmentations("mocov3", size), 0)
+    fm_before = Views(files, "image", with_torchvision_blur("fastmoco", size), 0)
     plain = plain_fastmoco(size)
     pipelines = {
         "decode (PIL)": lambda i: files[i]["image"].convert("RGB"),
         f"decode, PIL draft mode (sides >= {size} px)": lambda i: decode_draft(blobs[i], size),
         "data.Views, Fast-MoCo aug (pretrain.py)": lambda i: fm_views[(0, i)],
         "data.Views, MoCo v3 aug (pretrain.py)": lambda i: v3_views[(0, i)],
+        "data.Views, Fast-MoCo aug, torchvision's k x k blur": lambda i: fm_before[(0, i)],
         "torchvision.transforms v1, Fast-MoCo aug": lambda i: (lambda im: (plain(im), plain(im)))(
             files[i]["image"].convert("RGB")),
     }

@@ -46,7 +46,7 @@ def test_data_pipeline_table():
     out = bench("data_pipeline.py", "--images", 2, "--rounds", 1, "--size", 32, "--source-size", "96x64")
     columns, rows = table(out)
     assert columns == ["pipeline", "source", "img/s/core", "ms/img"]
-    assert len(rows) == 5 and all(r["source"] == "96x64 JPEG" and float(r["img/s/core"]) > 0 for r in rows)
+    assert len(rows) == 6 and all(r["source"] == "96x64 JPEG" and float(r["img/s/core"]) > 0 for r in rows)
     assert any(r["pipeline"].startswith("data.Views, Fast-MoCo") for r in rows)
 
 
