@@ -58,7 +58,7 @@ def test_memory_table():
     assert [r["method"] for r in rows] == ["fastmoco", "mocov3"]
     for r in rows:
         assert int(r["peak_MiB"]) >= int(r["before_MiB"]) > 0
-        assert int(r["step_MiB"]) == int(r["peak_MiB"]) - int(r["before_MiB"])
+        assert abs(int(r["step_MiB"]) - (int(r["peak_MiB"]) - int(r["before_MiB"]))) <= 1  # each rounded to MiB
 
 
 def test_sample_efficiency_skips_without_data(tmp_path):
