@@ -141,7 +141,7 @@ def combine(f: torch.Tensor, P: int, k: int) -> torch.Tensor:
     return (w @ f.reshape(P, -1)).reshape(-1, D)  # (C, N*D) -> (C*N, D)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def combination_weights(P: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """combinations(P, k) on `device` in `dtype`, built once: a fresh CPU -> GPU copy every step would be a
     host-device sync (a pageable copy waits for the stream). Read-only: shared by every call."""

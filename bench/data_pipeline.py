@@ -17,9 +17,9 @@ from typing import Annotated
 import numpy as np
 import torch
 import torchvision.transforms as T
-import torchvision.transforms.v2
 import typer
 from PIL import Image, ImageDraw
+from torchvision.transforms import v2
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: data.py
 import data  # noqa: E402
@@ -69,7 +69,7 @@ def plain_fastmoco(size: int):
 
 def with_torchvision_blur(name: str, size: int):
     """augmentations(name, size) with torchvision's k x k GaussianBlur in place of data.SeparableBlur (as before)."""
-    data.SeparableBlur, fast = T.v2.GaussianBlur, data.SeparableBlur
+    data.SeparableBlur, fast = v2.GaussianBlur, data.SeparableBlur
     try:
         return augmentations(name, size)
     finally:
@@ -88,6 +88,10 @@ def rates(fns: dict, n: int, rounds: int) -> dict:
             if r:
                 best[name] = min(best[name], time.perf_counter() - t0)
     return {name: n / t for name, t in best.items()}
+
+
+def two(t, img):
+    return t(img), t(img)
 
 
 def decode_draft(blob: bytes, size: int):
@@ -118,8 +122,7 @@ def main(
         "data.Views, Fast-MoCo aug (pretrain.py)": lambda i: fm_views[(0, i)],
         "data.Views, MoCo v3 aug (pretrain.py)": lambda i: v3_views[(0, i)],
         "data.Views, Fast-MoCo aug, torchvision's k x k blur": lambda i: fm_before[(0, i)],
-        "torchvision.transforms v1, Fast-MoCo aug": lambda i: (lambda im: (plain(im), plain(im)))(
-            files[i]["image"].convert("RGB")),
+        "torchvision.transforms v1, Fast-MoCo aug": lambda i: two(plain, files[i]["image"].convert("RGB")),
     }
     rows = [{"pipeline": name, "source": src, "img/s/core": f"{r:.1f}", "ms/img": f"{1e3 / r:.2f}"}
             for name, r in rates(pipelines, images, rounds).items()]
