@@ -9,9 +9,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import fastmoco as fm  # noqa: E402
-from pretrain import RECIPES  # noqa: E402  (each method's optimizer, lr, clip, momentum, tau)
+sys.path.insert(0, str(ROOT))  # fastmoco.py, data.py, pretrain.py
 
 
 def setup(method, arch, image_size, batch, device="cpu", precision="bf16", channels_last=True, small_stem=False,
@@ -21,6 +19,9 @@ def setup(method, arch, image_size, batch, device="cpu", precision="bf16", chann
     floor: the backbone work the step cannot avoid: online forward+backward on the views (Fast-MoCo: on the patches),
     target backbone forward on the full views; no heads, loss, EMA or optimizer.
     parts: {name: closure} pieces of the step timed alone (EMA, optimizer step, divide+combine)."""
+    import fastmoco as fm  # here, not at the top: pretrain.py brings Accelerate, slow to import for the table helpers
+    from pretrain import RECIPES  # each method's optimizer, lr, clip, momentum, tau
+
     r = RECIPES[method]
     torch.manual_seed(seed)
     model = fm.MoCo(method, arch, small_stem, grid, k)
