@@ -24,10 +24,34 @@ def fail(msg: str):
 
 # ----------------------------------------------------------------------------- augmentation
 
+class SeparableBlur(v2.GaussianBlur):
+    """v2.GaussianBlur (same sigma draw, reflect padding, rounding) as two 1-D convolutions instead of one k x k:
+    ~3.5x faster at 224 px (k=23), where the blur was ~2/3 of the augmentation time (bench/data_pipeline.py).
+    Equal to torchvision's output up to float rounding: a few pixel values in 10^5 differ by 1."""
+
+    def transform(self, inpt, params):
+        pil = not isinstance(inpt, torch.Tensor)
+        x = v2.functional.pil_to_tensor(inpt) if pil else inpt  # (C, H, W) uint8
+        (kx, ky), (sx, sy), C = self.kernel_size, params["sigma"], x.shape[-3]
+        y = torch.nn.functional.pad(x.reshape(-1, *x.shape[-3:]).float(), [kx // 2, kx // 2, ky // 2, ky // 2],
+                                    mode="reflect")
+        y = torch.nn.functional.conv2d(y, gaussian_kernel(kx, sx).view(1, 1, 1, kx).expand(C, 1, 1, kx), groups=C)
+        y = torch.nn.functional.conv2d(y, gaussian_kernel(ky, sy).view(1, 1, ky, 1).expand(C, 1, ky, 1), groups=C)
+        y = (y.round_() if not x.is_floating_point() else y).to(x.dtype).reshape(x.shape)
+        return v2.functional.to_pil_image(y, mode=inpt.mode) if pil else y
+
+
+def gaussian_kernel(k: int, sigma: float) -> torch.Tensor:
+    """(k,) normalised Gaussian weights, as torchvision's."""
+    x = torch.linspace(-(k // 2), k // 2, k)
+    w = torch.exp(-0.5 * (x / sigma) ** 2)
+    return w / w.sum()
+
+
 def augmentations(name: str, size: int):
     """The two views' transforms (PIL -> normalised tensor) of each method's recipe."""
     kernel = 2 * round(0.05 * size) + 1  # 23 at 224 px, as in BYOL / MoCo v3
-    blur = lambda p: v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)  # noqa: E731
+    blur = lambda p: v2.RandomApply([SeparableBlur(kernel, sigma=(0.1, 2.0))], p=p)  # noqa: E731
     tail = [v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
     if name == "mocov1":
         t = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomGrayscale(0.2),

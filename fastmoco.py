@@ -5,6 +5,7 @@ checkpoint helpers at the end, no launch code. Recipe facts (every default) are 
 """
 
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -136,8 +137,16 @@ def combine(f: torch.Tensor, P: int, k: int) -> torch.Tensor:
     """(P*N, D) patch-major embeddings -> (C*N, D), C = C(P, k): the mean of every k-subset of each image's P
     patch embeddings, combination-major. One matmul, no Python loop over subsets."""
     D = f.shape[-1]
-    w = combinations(P, k).to(f.device, f.dtype)  # (C, P)
+    w = combination_weights(P, k, f.device, f.dtype)  # (C, P)
     return (w @ f.reshape(P, -1)).reshape(-1, D)  # (C, N*D) -> (C*N, D)
+
+
+@functools.cache
+def combination_weights(P: int, k: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """combinations(P, k) on `device` in `dtype`, built once: a fresh CPU -> GPU copy every step would be a
+    host-device sync (a pageable copy waits for the stream). Read-only: shared by every call."""
+    with torch.inference_mode(False):  # a first call under inference_mode must not cache an inference tensor
+        return combinations(P, k).to(device, dtype)
 
 
 # ----------------------------------------------------------------------------- losses
