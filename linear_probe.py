@@ -11,6 +11,7 @@ features; at the end the run checks that no backbone tensor changed. Writes DIR/
 
 import itertools
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -137,7 +138,8 @@ def main(
     output_dir: Annotated[Path, typer.Option(help="linear.safetensors, log.jsonl, results.json.")] = Path(
         "runs/linear"),
     seed: Annotated[int, typer.Option(help="Seeds the classifier init and the data order.")] = 0,
-    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = 4,
+    workers: Annotated[Optional[int], typer.Option(
+        help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
     image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
     streaming: Annotated[Optional[bool], typer.Option(
         help="Stream the data (always for Hub names; off for local data unless set).")] = None,
@@ -156,6 +158,7 @@ def main(
     image_size = image_size or meta.get("image_size") or 224
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
     B, world = batch_size, acc.num_processes
+    workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
     hub = not Path(data).expanduser().exists() and data != "demo"

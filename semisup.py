@@ -11,6 +11,7 @@ Writes DIR/finetuned.safetensors (a torchvision ResNet state dict with fc), DIR/
 """
 
 import json
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -145,7 +146,8 @@ def main(
     output_dir: Annotated[Path, typer.Option(help="finetuned.safetensors, log.jsonl, results.json.")] = Path(
         "runs/semisup"),
     seed: Annotated[int, typer.Option(help="Seeds the subset, the classifier init and the data order.")] = 0,
-    workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = 4,
+    workers: Annotated[Optional[int], typer.Option(
+        help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
     image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
     mixed_precision: Annotated[Optional[Precision], typer.Option(
         help="no, bf16 or fp16. Default: Accelerate's config.")] = None,
@@ -164,6 +166,7 @@ def main(
     image_size = image_size or meta.get("image_size") or 224
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
     B, world = batch_size, acc.num_processes
+    workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
     train, val, val_name = labelled_splits(data, image_column)
