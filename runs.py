@@ -93,7 +93,8 @@ def state_tensors(model, target, optimizer, queue, ptr, acc) -> dict:
 
 def load_state(tensors, meta, model, target, optimizer, queue) -> tuple:
     """Load a checkpoint's model, target, optimizer and queue in place -> (queue pointer, step, skipped steps)."""
-    model.load_state_dict({k: v for k, v in tensors.items() if k.split(".")[0] in ("backbone", "projector", "predictor")})
+    online = ("backbone", "projector", "predictor")
+    model.load_state_dict({k: v for k, v in tensors.items() if k.split(".")[0] in online})
     target.load_state_dict(fm.prefixed(tensors, "target."))
     fm.load_optimizer_tensors(optimizer, tensors)
     if queue is not None:
