@@ -1,5 +1,6 @@
 """Data for the stage scripts: the built-in demo set, Hugging Face datasets (Hub streaming, local parquet / image
-folders / saved datasets), each method's augmentations, and seeded samplers that make runs exactly resumable."""
+folders / saved datasets), each method's augmentations, and seeded samplers that make runs exactly resumable.
+Bad input raises ValueError with a one-line message (the stage scripts print it as their error)."""
 
 import io
 import os
@@ -15,11 +16,6 @@ from torchvision.transforms import v2
 import fastmoco as fm
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-def fail(msg: str):
-    """A one-line, user-facing error: exits with status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
 
 
 # ----------------------------------------------------------------------------- augmentation
@@ -146,14 +142,14 @@ def check_hub(name: str):
 
     local = "pass local data instead: --data /path/to/folder (parquet files or images) or --data demo"
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
-        fail(f"HF_HUB_OFFLINE is set, so {name!r} cannot be streamed from the Hub; {local}")
+        raise ValueError(f"HF_HUB_OFFLINE is set, so {name!r} cannot be streamed from the Hub; {local}")
     try:
         HfApi().dataset_info(name, timeout=10)
     except Exception as e:  # network, DNS, auth, gating, missing repo: all end the same way
         hint = "log in with `hf auth login` and accept its terms on the Hub, or " if "401" in str(e) or "gated" in str(
             e).lower() else ""
-        fail(f"cannot reach {name!r} on the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
-             f"{hint}{local}")
+        raise ValueError(f"cannot reach {name!r} on the Hugging Face Hub ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:120]}); {hint}{local}") from None
 
 
 def load_split(data: str, split: str, streaming: bool):
@@ -168,7 +164,8 @@ def load_split(data: str, split: str, streaming: bool):
     path = Path(data).expanduser()
     if not path.exists():
         if data.startswith((".", "/", "~")) or data.count("/") != 1:
-            fail(f"data path {data} does not exist: pass a folder of parquet files or images, a Hub name, or demo")
+            raise ValueError(f"data path {data} does not exist: pass a folder of parquet files or images, a Hub name, "
+                             "or demo")
         check_hub(data)
         try:
             ds = datasets.load_dataset(data, split=split, streaming=True)
@@ -194,6 +191,30 @@ def load_split(data: str, split: str, streaming: bool):
     except ValueError:
         return None, 0
     return (ds.to_iterable_dataset(num_shards=64) if streaming else ds), len(ds)
+
+
+def pretrain_data(data: str, streaming, column: str, batch: int, knn: bool):
+    """pretrain.py's data: (train split, its size, whether it streams, (train, val) splits for the kNN monitor or
+    None). Streaming: always for Hub names, else as asked (default off)."""
+    hub = not Path(data).expanduser().exists() and data != "demo"
+    streaming = hub if streaming is None else (streaming or hub)
+    ds, n = load_split(data, "train", streaming)
+    if ds is None:
+        raise ValueError(f"no training split found in {data}")
+    if n == 0:
+        raise ValueError(f"cannot tell how many images {data}'s train split holds (its card lists no size): download "
+                         "it and pass the local folder")
+    if column not in (ds.column_names or [column]):
+        raise ValueError(f"--image-column {column} is not a column of {data} (columns: {', '.join(ds.column_names)})")
+    if n < batch:
+        raise ValueError(f"{data} has {n} images, fewer than one global batch of {batch}: lower --batch-size")
+    if not knn:
+        return ds, n, streaming, None
+    val, _ = load_split(data, "validation", False)
+    val = val if val is not None else load_split(data, "test", False)[0]
+    if streaming or val is None or "label" not in ds.column_names:
+        raise ValueError("--knn-every needs local labelled data with a validation or test split (label column)")
+    return ds, n, streaming, (ds, val)
 
 
 def load_rgb(value):
@@ -247,7 +268,7 @@ class Views(torch.utils.data.Dataset):
                 break
             img = load_rgb(self.ds[j % len(self.ds)][self.column])
         if img is None:
-            fail("no image of the dataset can be decoded")
+            raise ValueError("no image of the dataset can be decoded")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
             return (*(t(img) for t in self.transforms), torch.tensor([bad, 0, 0, 0]))
@@ -352,8 +373,9 @@ def loader_for(ds, n, streaming, column, transforms, batch, rank, world, seed, s
         W, positions = max(1, workers), None
         if stream_state is not None:
             if tuple(stream_state.shape) != (world * W, 2):
-                fail(f"this streamed run was saved with {len(stream_state)} data streams, not {world} processes x {W}"
-                     " workers: resume it with the process count and --workers it was started with")
+                raise ValueError(f"this streamed run was saved with {len(stream_state)} data streams, not {world} "
+                                 f"processes x {W} workers: resume it with the process count and --workers it was "
+                                 "started with")
             positions = {w: tuple(stream_state[rank * W + w].tolist()) for w in range(W)}
         views = StreamViews(ds.shuffle(seed=seed, buffer_size=10_000), column, transforms, seed, positions)
         loader = torch.utils.data.DataLoader(views, batch_size=batch // world, drop_last=True, **kw)
@@ -391,6 +413,6 @@ def num_classes(ds, label: str = "label") -> int:
     if hasattr(feature, "num_classes"):
         return feature.num_classes
     if isinstance(ds, torch.utils.data.IterableDataset):
-        fail(f"cannot tell the number of classes of streamed data without a ClassLabel '{label}' column: "
+        raise ValueError(f"cannot tell the number of classes of streamed data without a ClassLabel '{label}' column: "
              "download it and pass the local folder")
     return int(max(ds[label])) + 1

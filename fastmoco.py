@@ -1,7 +1,35 @@
 """Fast-MoCo (Ci et al., ECCV 2022) and the MoCo family it builds on (v1, v2, v3), as plain functions.
 
 Copy-pasteable: imports only torch, torchvision, safetensors and the standard library. No I/O besides the
-checkpoint helpers at the end, no launch code. Recipe facts (every default) are in the project's README.
+checkpoint helpers at the end, no launch code. RECIPES holds every method's published numbers.
+
+One complete training step, in the official order (lr, EMA before the forward, loss, clip, step, enqueue); any of
+METHODS runs as written (a test executes this block), on a CPU in seconds:
+
+    import torch
+    import fastmoco as fm
+
+    method, B, total = "fastmoco", 8, 100  # B images per step (all processes), `total` steps in the run
+    r = fm.RECIPES[method]
+    model = fm.OnlineEncoder(method, "resnet18", small_stem=True)  # 32 px images: the CIFAR stem
+    target = fm.target_encoder(model)
+    base_lr = r["lr"] * B / 256  # recipe lrs are per 256 images
+    optimizer = fm.make_optimizer(model, r["optimizer"], base_lr, r["weight_decay"], r["fix_predictor_lr"])
+    queue, ptr = fm.make_queue(4 * B, 128), 0  # MoCo v1/v2's negatives (recipe: K = 65536); unused otherwise
+    step, x1, x2 = 0, torch.randn(B, 3, 32, 32), torch.randn(B, 3, 32, 32)  # two augmented views of B images
+    fm.set_lr(optimizer, fm.lr_at(step, total, base_lr, r["warmup_epochs"] * 10, r["warmup_from"]))  # 10 steps/epoch
+    fm.ema_update(target, model, fm.momentum_at(step, total, r["momentum"], r["cosine_momentum"]))
+    loss, keys = fm.step_loss(method, model, target, x1, x2, r["tau"], queue, torch.Generator().manual_seed(step))
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if r["clip_grad"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"])
+    optimizer.step()
+    if keys is not None:  # MoCo v1/v2: this step's keys replace the oldest negatives
+        ptr = fm.enqueue(queue, ptr, keys)
+
+With several processes, wrap `model` in DDP (it is called once per step) and move `target` yourself; pretrain.py does
+this with Accelerate, plus mixed precision, data, resume and logging.
 """
 
 import copy
@@ -23,6 +51,22 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 METHODS = ("fastmoco", "mocov3", "mocov2", "mocov1")
+# Each method's published recipe (official code where it differs from the paper). lr is per 256 images: the lr used
+# is lr * batch_size / 256. Warmup is in epochs, milestones in fractions of the run; momentum is the EMA's m.
+RECIPES = {
+    "fastmoco": dict(epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, optimizer="sgd", warmup_epochs=1,
+                     warmup_from=0.25, momentum=0.99, cosine_momentum=False, tau=1.0, clip_grad=1.0,
+                     fix_predictor_lr=True, milestones=(), aug="fastmoco", sync_bn=True),
+    "mocov3": dict(epochs=100, batch_size=4096, lr=0.6, weight_decay=1e-6, optimizer="lars", warmup_epochs=10,
+                   warmup_from=0.0, momentum=0.99, cosine_momentum=True, tau=1.0, clip_grad=0.0,
+                   fix_predictor_lr=False, milestones=(), aug="mocov3", sync_bn=True),
+    "mocov2": dict(epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
+                   warmup_from=0.0, momentum=0.999, cosine_momentum=False, tau=0.2, clip_grad=0.0,
+                   fix_predictor_lr=False, milestones=(), aug="mocov2", sync_bn=False),
+    "mocov1": dict(epochs=200, batch_size=256, lr=0.03, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
+                   warmup_from=0.0, momentum=0.999, cosine_momentum=False, tau=0.07, clip_grad=0.0,
+                   fix_predictor_lr=False, milestones=(0.6, 0.8), aug="mocov1", sync_bn=False),  # 120/160 of 200
+}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
          "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
 
@@ -77,40 +121,49 @@ def heads(method: str, dim: int):
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
 
-class MoCo(nn.Module):
-    """The online encoder of every method: backbone -> (divide/combine for Fast-MoCo) -> projector -> predictor."""
+class OnlineEncoder(nn.Module):
+    """The online encoder of every method: backbone -> (Fast-MoCo: divide, encode, combine) -> projector -> predictor.
+
+    forward(*views) -> per view a pair (z, p): the projection z and the prediction p = predictor(z) (p is z for MoCo
+    v1/v2, whose predictor is Identity), rows (R*N, d) with R = C(grid^2, k) combinations for Fast-MoCo, else 1.
+    variants.Encoder subclasses it (features, make_heads), so every method and ablation shares this contract."""
 
     def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, grid=2, k=2):
         super().__init__()
         self.method, self.grid, self.k = method, grid, k
+        self.patches = method == "fastmoco"  # combinatorial patches on the online branch
         self.backbone = resnet(arch, small_stem)
-        self.projector, self.predictor = heads(method, self.backbone.dim)
+        self.projector, self.predictor = self.make_heads(self.backbone.dim)
+
+    def make_heads(self, dim: int):
+        return heads(self.method, dim)
+
+    def features(self, x):
+        """(N, C, H, W) view -> (R*N, D) pooled backbone features of its online samples."""
+        if not self.patches:
+            return self.backbone(x)  # (N, D)
+        # Fast-MoCo Sec. 3.2: encode the n*n patches in one batch, combine after global pooling.
+        f = self.backbone(divide(x, self.grid))  # (n*n*N, D)
+        return combine(f, self.grid ** 2, self.k)  # (C*N, D), C = C(n*n, k)
+
+    def head(self, f):
+        z = self.projector(f)
+        return z, self.predictor(z)
 
     def branch(self, x):
-        if self.method == "fastmoco":
-            # Fast-MoCo Sec. 3.2: encode the n*n patches in one batch, combine after global pooling.
-            f = self.backbone(divide(x, self.grid))  # (n*n*N, D)
-            f = combine(f, self.grid ** 2, self.k)  # (C*N, D), C = C(n*n, k)
-        else:
-            f = self.backbone(x)
-        return self.predictor(self.projector(f))
+        return self.head(self.features(x))
 
     def forward(self, *views):
         # Each view is its own batch (BN statistics per view), as in MoCo v3 and SimSiam.
         return tuple(self.branch(x) for x in views)
 
 
-def target_encoder(model: MoCo) -> nn.Module:
+def target_encoder(model: OnlineEncoder) -> nn.Module:
     """The momentum (EMA) encoder: a frozen copy of backbone + projector (no predictor), initialised equal."""
     target = nn.Sequential(OrderedDict(backbone=copy.deepcopy(model.backbone),
                                        projector=copy.deepcopy(model.projector)))
     target.requires_grad_(False)
     return target
-
-
-def online_params(model: MoCo):
-    """Online parameters mirrored by the target, in the target's order."""
-    return list(model.backbone.parameters()) + list(model.projector.parameters())
 
 
 # ----------------------------------------------------------------------------- divide / combine
@@ -172,6 +225,8 @@ def queue_loss(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor, tau: float
     l_neg = q @ queue.T  # (N, K)
     logits = torch.cat([l_pos, l_neg], 1) / tau
     return F.cross_entropy(logits, torch.zeros(len(q), dtype=torch.long, device=q.device))
+
+
 # ----------------------------------------------------------------------------- distributed helpers
 
 def world():
@@ -279,10 +334,20 @@ def convert_sync_bn(module: nn.Module) -> nn.Module:
 # ----------------------------------------------------------------------------- EMA, queue, schedules, optimizer
 
 @torch.no_grad()
-def ema_update(target_params, online_params, m: float):
-    """target = m * target + (1 - m) * online, one fused op over all tensors. BN buffers are not averaged:
-    the target keeps its own running statistics (as in the official MoCo / Fast-MoCo code)."""
-    torch._foreach_lerp_(list(target_params), list(online_params), 1.0 - m)
+def ema_update(target: nn.Module, online: nn.Module, m: float):
+    """target = m * target + (1 - m) * online for each target parameter and the online parameter of the same name
+    (the online predictor has no counterpart), one fused op over all tensors. Pass the unwrapped online module (no
+    DDP `module.` prefix). BN buffers are not averaged: the target keeps its own running statistics (as in the
+    official MoCo / Fast-MoCo code)."""
+    online = dict(online.named_parameters())
+    names, params = zip(*target.named_parameters())
+    torch._foreach_lerp_(list(params), [online[n] for n in names], 1.0 - m)
+
+
+def make_queue(K: int, dim: int, device=None) -> torch.Tensor:
+    """(K, dim) random unit vectors: MoCo's initial negatives (or NNCLR's support set) before the first keys arrive."""
+    queue = F.normalize(torch.randn(K, dim), dim=1)
+    return queue if device is None else queue.to(device)
 
 
 @torch.no_grad()
@@ -336,7 +401,7 @@ class LARS(torch.optim.Optimizer):
                 p.add_(mu, alpha=-g["lr"])
 
 
-def make_optimizer(model: MoCo, name: str, lr: float, weight_decay: float, fix_predictor_lr: bool = False):
+def make_optimizer(model: OnlineEncoder, name: str, lr: float, weight_decay: float, fix_predictor_lr: bool = False):
     """SGD (momentum 0.9) or LARS over the online model. fix_predictor_lr puts the predictor in its own group
     whose lr stays at `lr` (SimSiam / Fast-MoCo: the predictor is not scheduled); see set_lr."""
     if fix_predictor_lr:
@@ -365,7 +430,7 @@ def set_lr(optimizer, lr: float):
 def fastmoco_loss(model, target, x1, x2, tau=1.0):
     """Fast-MoCo: the C combined predictions of view 1 against the targets of view 2 of the global batch, and
     symmetric; the mean of the 2*C cross-entropies (official code: no 2*tau factor)."""
-    p1, p2 = model(x1, x2)  # (C*N, d) each, combination-major
+    (_, p1), (_, p2) = model(x1, x2)  # (C*N, d) each, combination-major
     with torch.no_grad():
         k1, k2 = gather(target(x1).float()), gather(target(x2).float())  # (world*N, d)
     N, off = x1.shape[0], world()[0] * x1.shape[0]
@@ -375,7 +440,7 @@ def fastmoco_loss(model, target, x1, x2, tau=1.0):
 
 def mocov3_loss(model, target, x1, x2, tau=1.0):
     """MoCo v3: ctr(q1, k2) + ctr(q2, k1), each scaled by 2*tau."""
-    q1, q2 = model(x1, x2)
+    (_, q1), (_, q2) = model(x1, x2)
     with torch.no_grad():
         k1, k2 = gather(target(x1).float()), gather(target(x2).float())
     off = world()[0] * x1.shape[0]
@@ -385,10 +450,22 @@ def mocov3_loss(model, target, x1, x2, tau=1.0):
 def moco_loss(model, target, x1, x2, queue, tau, generator):
     """MoCo v1/v2: query from view 1, key from view 2 (shuffle-BN), negatives from the queue (one direction).
     Returns (loss, keys gathered from all processes) -- enqueue the keys after the step."""
-    (q,) = model(x1)
+    ((_, q),) = model(x1)
     with torch.no_grad():
         k = F.normalize(shuffle_bn_forward(target, x2, generator), dim=1)  # (N, d)
     return queue_loss(q, k, queue, tau), gather(k)
+
+
+def step_loss(method, model, target, x1, x2, tau, queue=None, generator=None):
+    """(loss, keys to enqueue or None) of one step of any of METHODS; generator: MoCo v1/v2's shuffle-BN
+    permutation (the same on every process: seed it with the step)."""
+    if method == "fastmoco":
+        return fastmoco_loss(model, target, x1, x2, tau), None
+    if method == "mocov3":
+        return mocov3_loss(model, target, x1, x2, tau), None
+    if method in ("mocov2", "mocov1"):
+        return moco_loss(model, target, x1, x2, queue, tau, generator)
+    raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
 
 
 # ----------------------------------------------------------------------------- evaluation

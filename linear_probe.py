@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
-from data import fail, load_split, num_classes, probe_transforms, sample_seed, with_labels
+from data import load_split, num_classes, probe_transforms, sample_seed, with_labels
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
@@ -35,15 +35,23 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+def fail(msg):
+    """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
+    raise SystemExit(f"error: {msg}")
+
+
 def labelled_splits(data: str, image_column: str, streaming: bool):
     """(train, n_train, val, n_val, val split name) of labelled --data, or a one-line error."""
     import datasets
 
     datasets.disable_progress_bars()  # stderr stays clean for a one-line error; our rich bars show the work
-    train, n = load_split(data, "train", streaming)
-    val, n_val, name = *load_split(data, "validation", streaming), "validation"
-    if val is None:
-        val, n_val, name = *load_split(data, "test", streaming), "test"
+    try:  # data.py: a path that does not exist, an unreachable Hub
+        train, n = load_split(data, "train", streaming)
+        val, n_val, name = *load_split(data, "validation", streaming), "validation"
+        if val is None:
+            val, n_val, name = *load_split(data, "test", streaming), "test"
+    except ValueError as e:
+        fail(e)
     if train is None or val is None:
         fail(f"{data} needs a train split and a validation or test split (e.g. train-*.parquet and test-*.parquet)")
     for split, ds in (("train", train), (name, val)):
@@ -166,7 +174,10 @@ def main(
     train, n, val, n_val, val_name = labelled_splits(data, image_column, streaming)
     if n // B == 0 and not cached_features:
         fail(f"{data} has {n} training images, fewer than one batch of {B}: lower --batch-size")
-    classes = num_classes(train)
+    try:
+        classes = num_classes(train)
+    except ValueError as e:
+        fail(e)
 
     # 2. frozen backbone (eval mode: BN uses its pretrained statistics) and the linear classifier
     torch.manual_seed(seed)

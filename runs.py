@@ -1,17 +1,20 @@
-"""A run's output directory for the stage scripts: which checkpoint to resume from (automatic resume after a crash or
-a pre-emption, past truncated or corrupt files), rotation of periodic checkpoints, and a log that matches the resumed
-state. Checkpoints are written by fastmoco.save_checkpoint (atomic, checksummed)."""
+"""The mechanics of a pretraining run, apart from the algorithm: its output directory (which checkpoint to resume
+from, automatically after a crash or a pre-emption, past truncated or corrupt files; rotation of periodic
+checkpoints; a log that matches the resumed state), the state a resume needs, the guards (argument ranges,
+undecodable images, non-finite steps) and the log rows (loss window, kNN monitor). Checkpoints are written by
+fastmoco.save_checkpoint (atomic, checksummed). Bad input or state raises ValueError with a one-line message."""
 
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 import fastmoco as fm
-from data import fail
+from data import clean_transform
 
 
 def warn(msg: str):
@@ -41,7 +44,7 @@ def resume_point(output_dir: Path, resume):
         try:
             return (resume, *fm.load_checkpoint(resume))
         except (ValueError, FileNotFoundError) as e:
-            fail(str(e))
+            raise ValueError(str(e)) from None
     for p in candidates(output_dir):
         try:
             tensors, meta = fm.load_checkpoint(p)
@@ -66,6 +69,12 @@ def trim_log(path: Path, step: int):
         except (json.JSONDecodeError, KeyError, TypeError):
             pass
     path.write_text("".join(r + "\n" for r in rows))
+
+
+def open_log(path: Path, step: int):
+    """log.jsonl opened for appending, without the rows after `step` (a resumed run writes them again)."""
+    trim_log(path, step)
+    return open(path, "a")
 
 
 def rotate(output_dir: Path, keep: int):
@@ -102,6 +111,13 @@ def load_state(tensors, meta, model, target, optimizer, queue) -> tuple:
     return int(tensors["queue_ptr"]) if queue is not None else 0, meta["step"], meta.get("skipped_steps", 0)
 
 
+def load_scaler(scaler, tensors):
+    """The fp16 loss scaler's state (scaler.* entries), if the run has a scaler and the checkpoint saved one."""
+    if scaler is not None:
+        scaler.load_state_dict({k[7:]: v.item() for k, v in tensors.items() if k.startswith("scaler.")} or
+                               scaler.state_dict())
+
+
 # Flags a resumed run may change: where and how it runs, not what it computes.
 FREE = {"data", "resume", "output_dir", "max_steps", "save_every", "keep", "skip_nonfinite", "max_bad_fraction",
         "log_every", "knn_every", "workers", "streaming", "mixed_precision", "channels_last", "tensorboard"}
@@ -110,15 +126,17 @@ FREE = {"data", "resume", "output_dir", "max_steps", "save_every", "keep", "skip
 def check_same_run(point, args: dict):
     """A resumed run must compute what the checkpoint's run computed: a one-line error naming the flags that differ
     (auto-resume picks up DIR's checkpoint, so a new experiment in an old --output-dir would otherwise mix the two)."""
+    if point is None:  # a fresh run
+        return
     path, _, meta = point
     saved = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     if (meta.get("method"), meta.get("arch")) != (args["method"], args["arch"]):
-        fail(f"{path} is a {meta.get('method')}/{meta.get('arch')} checkpoint; this run is {args['method']}/"
-             f"{args['arch']} (a new run needs a new --output-dir)")
+        raise ValueError(f"{path} is a {meta.get('method')}/{meta.get('arch')} checkpoint; this run is "
+                         f"{args['method']}/{args['arch']} (a new run needs a new --output-dir)")
     differ = [k for k, v in args.items() if k not in FREE and k in saved and saved[k] != v]
     if differ:
-        fail(f"{path} was written by a run with other settings ({', '.join(differ)}): use a new --output-dir for a "
-             f"new run, or the checkpoint's settings to continue it")
+        raise ValueError(f"{path} was written by a run with other settings ({', '.join(differ)}): use a new "
+                         "--output-dir for a new run, or the checkpoint's settings to continue it")
 
 
 # ----------------------------------------------------------------------------- guards
@@ -127,14 +145,19 @@ def check_ranges(ranges: dict):
     """{"--flag": (value, low) or (value, low, high)}: a one-line error for the first value out of range (or NaN)."""
     for name, (v, lo, *hi) in ranges.items():
         if not (lo <= v <= (hi or [math.inf])[0] and math.isfinite(v)):
-            fail(f"{name} {v} is out of range: use a finite number from {lo}" + (f" to {hi[0]}" if hi else " up"))
+            raise ValueError(f"{name} {v} is out of range: use a finite number from {lo}"
+                             + (f" to {hi[0]}" if hi else " up"))
 
 
-def check_bad_images(bad: int, seen: int, max_fraction: float):
-    """Stop when more than `max_fraction` of the images (read so far, or in the data set) could not be decoded."""
+def check_bad_images(acc, bad: int, seen: int, max_fraction: float) -> int:
+    """The undecodable images of all processes (`bad`: this process's); stop when they are more than `max_fraction`
+    of the images (read so far, or in the data set)."""
+    bad = int(acc.reduce(torch.tensor(float(bad), device=acc.device), "sum").item())
     if bad > max_fraction * seen:
-        fail(f"{bad} images could not be decoded (the 'skipped undecodable image' warnings name them), more than "
-             f"--max-bad-fraction {max_fraction} of {seen}: fix or remove them, or raise --max-bad-fraction")
+        raise ValueError(f"{bad} images could not be decoded (the 'skipped undecodable image' warnings name them), "
+                         f"more than --max-bad-fraction {max_fraction} of {seen}: fix or remove them, or raise "
+                         "--max-bad-fraction")
+    return bad
 
 
 def all_finite(loss, model, acc) -> bool:
@@ -153,3 +176,60 @@ def snapshot(target, online) -> list:
 def restore(target, online, snap: list):
     for t, saved in zip((*target.state_dict().values(), *online.buffers()), snap):
         t.copy_(saved)
+
+
+# ----------------------------------------------------------------------------- log rows
+
+class Window:
+    """The summed loss and the throughput of the steps since the last log row (one host sync per row)."""
+
+    def __init__(self, acc, step):
+        self.acc, self.loss = acc, torch.zeros((), device=acc.device)
+        self.reset(step)
+
+    def reset(self, step):
+        self.loss.zero_()
+        self.t, self.step, self.skipped = time.perf_counter(), step, 0  # skipped: non-finite steps not in the sum
+
+    def add(self, loss):
+        self.loss += loss.detach()
+
+    def read(self, step, batch) -> tuple:
+        """(mean loss over all processes and the window's applied steps, images per second)."""
+        done = step - self.step - self.skipped
+        mean = self.acc.reduce(self.loss, "mean").item() / done if done else math.nan
+        return mean, (step - self.step) * batch / (time.perf_counter() - self.t)
+
+
+def record(acc, log, step, per_epoch, row):
+    """One row of log.jsonl (the main process's open file `log`, else None) and of the trackers (TensorBoard)."""
+    row = dict(step=step, epoch=round(step / per_epoch, 3), **row)
+    if log:
+        log.write(json.dumps(row) + "\n")
+        log.flush()
+    acc.log({k: v for k, v in row.items() if k != "step"}, step=step)
+
+
+@torch.no_grad()
+def knn_top1(backbone, train, val, column, size, acc, batch=256) -> float:
+    """kNN top-1 (k=200, t=0.1) of `backbone` on clean views: train split as the bank, val split as queries."""
+    t = clean_transform(size)
+    backbone.eval()
+    feats = []
+    for ds in (train, val):
+        data = ds.with_transform(lambda b: {"x": [t(im.convert("RGB")) for im in b[column]], "y": b["label"]})
+        loader = acc.prepare(torch.utils.data.DataLoader(data, batch_size=batch))
+        f, y = zip(*[acc.gather_for_metrics((backbone(b["x"]).float(), b["y"])) for b in loader])
+        feats.append((torch.cat(f), torch.cat(y)))
+    backbone.train()
+    (bank, bank_y), (q, q_y) = feats
+    pred = fm.knn_predict(q, bank, bank_y, int(bank_y.max()) + 1)
+    return 100.0 * (pred == q_y).float().mean().item()
+
+
+def log_knn(acc, log, step, per_epoch, backbone, knn_data, column, size) -> float:
+    """Log kNN top-1 of the online backbone; returns the seconds it took (not training time)."""
+    t0 = time.perf_counter()
+    top1 = knn_top1(backbone, *knn_data, column, size, acc)
+    record(acc, log, step, per_epoch, dict(knn_top1=top1, knn_seconds=time.perf_counter() - t0))
+    return time.perf_counter() - t0

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
-from data import fail, load_split, num_classes, probe_transforms, with_labels
+from data import load_split, num_classes, probe_transforms, with_labels
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
@@ -38,15 +38,23 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+def fail(msg):
+    """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
+    raise SystemExit(f"error: {msg}")
+
+
 def labelled_splits(data: str, image_column: str):
     """(train, val, val split name) of labelled local --data (map-style: a subset needs random access)."""
     import datasets
 
     datasets.disable_progress_bars()  # stderr stays clean for a one-line error; our rich bars show the work
-    train, _ = load_split(data, "train", False)
-    val, _, name = *load_split(data, "validation", False), "validation"
-    if val is None:
-        val, _, name = *load_split(data, "test", False), "test"
+    try:  # data.py: a path that does not exist
+        train, _ = load_split(data, "train", False)
+        val, _, name = *load_split(data, "validation", False), "validation"
+        if val is None:
+            val, _, name = *load_split(data, "test", False), "test"
+    except ValueError as e:
+        fail(e)
     if train is None or val is None:
         fail(f"{data} needs a train split and a validation or test split (e.g. train-*.parquet and test-*.parquet)")
     if isinstance(train, torch.utils.data.IterableDataset):
@@ -170,7 +178,10 @@ def main(
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
     train, val, val_name = labelled_splits(data, image_column)
-    classes = num_classes(train)
+    try:
+        classes = num_classes(train)
+    except ValueError as e:
+        fail(e)
     rows = (subset_from_file(subset_file, train, id_column, image_column) if subset_file else
             balanced_subset(train["label"], fraction, seed))
     labelled = len(rows) / len(train)

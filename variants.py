@@ -149,20 +149,22 @@ def montage_features(x: torch.Tensor, n: int, fmap) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the online encoder of every variant
 
-class Encoder(nn.Module):
-    """Online encoder with the ablation knobs: backbone -> (patches: pipeline + combine) -> projector -> predictor.
-    Same state-dict keys as fastmoco.MoCo (backbone.*, projector.*, predictor.*), so fastmoco.target_encoder,
-    online_params and the checkpoint code apply unchanged. With the defaults it computes exactly fastmoco.MoCo."""
+class Encoder(fm.OnlineEncoder):
+    """fastmoco.OnlineEncoder with the ablation knobs: the other frameworks' heads, and with patches the pipeline,
+    combine operator and number of combinations. The same contract (forward -> per view (z, p), rows (R*N, d)) and
+    state-dict keys (backbone.*, projector.*, predictor.*), so fastmoco.target_encoder, ema_update and the checkpoint
+    code apply unchanged; multi-crop views (the third on) are encoded whole (Table 4b). With the defaults it computes
+    exactly fastmoco.OnlineEncoder, through its own code."""
 
     def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, patches=True, grid=2, k=2,
                  pipeline="divide-encode-combine", combine="mean", lam=0.5, alpha=1.0, combinations=0):
-        super().__init__()
-        self.method, self.patches, self.grid, self.k, self.pipeline = method, patches, grid, k, pipeline
-        self.combine, self.lam, self.alpha = combine, lam, alpha
+        super().__init__(method, arch, small_stem, grid, k)
+        self.patches, self.pipeline, self.combine, self.lam, self.alpha = patches, pipeline, combine, lam, alpha
         self.all = math.comb(grid * grid, k)
         self.subsets = balanced_subsets(grid * grid, k, combinations or self.all) if patches else []
-        self.backbone = fm.resnet(arch, small_stem)
-        self.projector, self.predictor = heads(method, self.backbone.dim)
+
+    def make_heads(self, dim: int):
+        return heads(self.method, dim)
 
     def chosen(self):
         """This forward's subsets: all C(P, k), or (Sec. 5.4) the balanced subset relabelled by a random
@@ -175,8 +177,8 @@ class Encoder(nn.Module):
     def features(self, x):
         """(N, C, H, W) global view -> (R*N, D) backbone features of its R online samples per image."""
         n, P, pipe = self.grid, self.grid ** 2, self.pipeline
-        if not self.patches:
-            return self.backbone(x)  # (N, D)
+        if not self.patches or (pipe == PIPELINES[0] and self.combine == "mean" and len(self.subsets) == self.all):
+            return super().features(x)  # the whole view, or the core method's divide-encode-combine
         if pipe == "encode-only":  # n*n independent square crops, each its own sample, nothing combined
             return self.backbone(random_crops(x, n, P))
         if pipe in ("divide-combine-encode", "sample-combine-encode"):  # stitch at the input, then encode
@@ -192,13 +194,9 @@ class Encoder(nn.Module):
         return combine_with(f, P, subsets, self.combine, self.lam, self.alpha)  # (C*N, D)
 
     def forward(self, *views):
-        """views: x1, x2 (global), then any multi-crop views (encoded whole: Table 4b). -> per view (z, p), rows
-        (R*N, d). Each view is its own batch (BN statistics per view)."""
-        out = []
-        for i, x in enumerate(views):
-            z = self.projector(self.features(x) if i < 2 else self.backbone(x))
-            out.append((z, self.predictor(z)))
-        return tuple(out)
+        """views: x1, x2 (global), then any multi-crop views (encoded whole: Table 4b) -> per view (z, p).
+        Each view is its own batch (BN statistics per view)."""
+        return tuple(self.branch(x) if i < 2 else self.head(self.backbone(x)) for i, x in enumerate(views))
 
 
 # ----------------------------------------------------------------------------- losses
@@ -261,7 +259,15 @@ def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patc
     return scale * sum(losses) / len(losses), keys
 
 
-# ----------------------------------------------------------------------------- argument checks
+# ----------------------------------------------------------------------------- which runs are variants, and checks
+
+def is_variant(method, patches, pipeline, combine, combinations, same_view, multi_crop) -> bool:
+    """Does the run need Encoder and step_loss, or is it one of the four core methods exactly as fastmoco.py
+    defines them? Any option this module adds, or patches on (off) for another method than fastmoco."""
+    return (method in METHODS or patches != (method == "fastmoco") or pipeline != PIPELINES[0] or combine != "mean"
+            or bool(combinations or same_view or multi_crop))
+
+
 
 def check(method, patches, grid, k, pipeline, combine, lam, combinations, same_view, multi_crop,
           momentum):
@@ -273,7 +279,7 @@ def check(method, patches, grid, k, pipeline, combine, lam, combinations, same_v
     if not patches and (pipeline != PIPELINES[0] or combine != "mean" or combinations):
         return "--pipeline, --combine and --combinations change the patches: add --patches"
     if combine in ("weighted", "beta") and k < 2:
-        return f"--combine {combine} weighs several patches: use --k 2 or more"
+        return f"--combine {combine} weighs several patches: use --combine-k 2 or more"
     if not 0.0 <= lam <= 1.0:
         return f"--combine-lambda {lam} must be in [0, 1]"
     if pipeline in ("divide-combine-encode", "sample-combine-encode", "encode-only") and combine != "mean":

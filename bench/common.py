@@ -2,14 +2,11 @@
 the online and target encoders, backward, clip, optimizer), its floor (the bare backbone work), and a timer."""
 
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # fastmoco.py, data.py, pretrain.py
+import fastmoco as fm
 
 
 def setup(method, arch, image_size, batch, device="cpu", precision="bf16", channels_last=True, small_stem=False,
@@ -19,12 +16,9 @@ def setup(method, arch, image_size, batch, device="cpu", precision="bf16", chann
     floor: the backbone work the step cannot avoid: online forward+backward on the views (Fast-MoCo: on the patches),
     target backbone forward on the full views; no heads, loss, EMA or optimizer.
     parts: {name: closure} pieces of the step timed alone (EMA, optimizer step, divide+combine)."""
-    import fastmoco as fm  # here, not at the top: pretrain.py brings Accelerate, slow to import for the table helpers
-    from pretrain import RECIPES  # each method's optimizer, lr, clip, momentum, tau
-
-    r = RECIPES[method]
+    r = fm.RECIPES[method]  # each method's optimizer, lr, clip, momentum, tau
     torch.manual_seed(seed)
-    model = fm.MoCo(method, arch, small_stem, grid, k)
+    model = fm.OnlineEncoder(method, arch, small_stem, grid, k)
     target = fm.target_encoder(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
@@ -38,7 +32,7 @@ def setup(method, arch, image_size, batch, device="cpu", precision="bf16", chann
     loss_fn = fm.fastmoco_loss if method == "fastmoco" else fm.mocov3_loss
 
     def step():
-        fm.ema_update(target.parameters(), fm.online_params(model), r["momentum"])
+        fm.ema_update(target, model, r["momentum"])
         with autocast():
             loss = loss_fn(model, target, x1, x2, r["tau"])
         opt.zero_grad(set_to_none=True)
@@ -60,7 +54,7 @@ def setup(method, arch, image_size, batch, device="cpu", precision="bf16", chann
         out.backward()
 
     feats = torch.randn(grid * grid * batch, model.backbone.dim, device=device)  # (P*N, D) patch embeddings
-    parts = {"ema": lambda: fm.ema_update(target.parameters(), fm.online_params(model), r["momentum"]),
+    parts = {"ema": lambda: fm.ema_update(target, model, r["momentum"]),
              "opt.step": opt.step}
     if method == "fastmoco":
         parts["divide+combine"] = lambda: (fm.divide(x1, grid), fm.combine(feats, grid * grid, k))

@@ -1,17 +1,15 @@
 """Data pipeline: decoded + two-view-augmented images per second on ONE CPU core at 224 px, pretrain.py's pipeline
 (data.Views: JPEG bytes -> PIL -> both views, seeded per image) vs the same augmentation in plain torchvision.
 
-    python bench/data_pipeline.py                          # 500x375 JPEGs (a typical ImageNet image)
-    python bench/data_pipeline.py --source-size 1000x750   # large JPEGs, where PIL's draft mode can decode at 1/2 scale
+    python -m bench.data_pipeline                          # 500x375 JPEGs (a typical ImageNet image)
+    python -m bench.data_pipeline --source-size 1000x750   # large JPEGs, where PIL's draft mode can decode at 1/2 scale
 
 The JPEGs are synthetic (smooth colour fields, shapes and sensor-like noise, quality 90: decode cost similar to a
 photo); no dataset needed. A loader with W workers feeds about W x the img/s below (one core each, main process aside).
 """
 
 import io
-import sys
 import time
-from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -21,10 +19,9 @@ import typer
 from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: data.py
-import data  # noqa: E402
-from common import markdown  # noqa: E402
-from data import MEAN, STD, Views, augmentations  # noqa: E402
+import data
+from bench.common import markdown
+from data import MEAN, STD, Views, augmentations
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 COLUMNS = ["pipeline", "source", "img/s/core", "ms/img"]

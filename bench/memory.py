@@ -1,7 +1,7 @@
 """Memory: peak memory of a training step, Fast-MoCo vs MoCo v3 (pretrain.py's step: bench/common.py).
 
-    python bench/memory.py                                                # CPU: peak RSS, ResNet-18, batch 16
-    python bench/memory.py --device cuda --arch resnet50 --batch-size 64  # one GPU: torch.cuda.max_memory_allocated
+    python -m bench.memory                                                # CPU: peak RSS, ResNet-18, batch 16
+    python -m bench.memory --device cuda --arch resnet50 --batch-size 64  # one GPU: torch.cuda.max_memory_allocated
 
 On CUDA the numbers are the allocator's (tensors only); on CPU each method runs in its own process and the numbers
 are resident memory (ru_maxrss, the process's high-water mark), which includes the Python / torch runtime.
@@ -11,12 +11,15 @@ import json
 import resource
 import subprocess
 import sys
+from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
 import typer
 
-from common import markdown, setup
+from bench.common import markdown, setup
+
+ROOT = Path(__file__).resolve().parents[1]  # `python -m bench.memory` runs from here
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 COLUMNS = ["method", "before_MiB", "peak_MiB", "step_MiB"]
@@ -65,10 +68,11 @@ def main(
     rows = []
     for method in ("fastmoco", "mocov3"):
         if device == "cpu":  # a fresh process each: ru_maxrss is a high-water mark that never goes down
-            cmd = [sys.executable, __file__, "--only", method] + [f"--{k.replace('_', '-')}={v}" for k, v in dict(
-                arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, device=device,
-                mixed_precision=mixed_precision).items()]
-            p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+            flags = dict(arch=arch, image_size=image_size, batch_size=batch_size, steps=steps, device=device,
+                         mixed_precision=mixed_precision)
+            cmd = [sys.executable, "-m", "bench.memory", "--only", method] + [
+                f"--{k.replace('_', '-')}={v}" for k, v in flags.items()]
+            p = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT)
             rows.append(json.loads(p.stdout.strip().splitlines()[-1]))
         else:
             torch.cuda.empty_cache()

@@ -1,7 +1,7 @@
 """Sample efficiency on real CIFAR-10: Fast-MoCo vs MoCo v3 at equal epochs, and MoCo v3 at 2x the epochs.
 
-    python bench/sample_efficiency.py                                   # CPU scale (~15 min on 2 idle cores)
-    python bench/sample_efficiency.py --train-images 50000 --test-images 10000 --epochs 200 --batch-size 512 \
+    python -m bench.sample_efficiency                                   # CPU scale (~15 min on 2 idle cores)
+    python -m bench.sample_efficiency --train-images 50000 --test-images 10000 --epochs 200 --batch-size 512 \
         --workers 8 --threads 0                                         # full scale, one GPU (see README)
 
 Each run is `python pretrain.py` in a subprocess (ResNet-18, small stem, 32 px) on a seeded subset of the parquet
@@ -22,10 +22,10 @@ from typing import Annotated
 import torch
 import typer
 
+import fastmoco as fm
+from data import clean_transform
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import fastmoco as fm  # noqa: E402
-from data import clean_transform  # noqa: E402
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 COLUMNS = ["run", "method", "epochs", "steps", "kNN@E", "kNN@2E", "train_s", "img/s", "seed"]

@@ -1,8 +1,8 @@
 """Step cost: Fast-MoCo vs MoCo v3 under the same recipe (backbone, batch, image size, precision), and each step vs its
 floor (the bare backbone work: online forward+backward on the views / patches + target forward), all in one run.
 
-    python bench/step_cost.py                                             # CPU: ResNet-18, 224 px, batch 16
-    python bench/step_cost.py --device cuda --arch resnet50 --batch-size 64 --steps 100   # one GPU (see README)
+    python -m bench.step_cost                                             # CPU: ResNet-18, 224 px, batch 16
+    python -m bench.step_cost --device cuda --arch resnet50 --batch-size 64 --steps 100   # one GPU (see README)
 
 Timed round-robin, median of --steps calls each, on one fixed batch (the loader is bench/data_pipeline.py). Goals
 (issue 6): Fast-MoCo / MoCo v3 <= 1.05 (the paper: 38.5 h / 36 h = 1.07); step / floor <= 1.15.
@@ -14,7 +14,7 @@ from typing import Annotated
 import torch
 import typer
 
-from common import interleaved, markdown, setup
+from bench.common import interleaved, markdown, setup
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 COLUMNS = ["method", "step_ms", "floor_ms", "step/floor", "img/s", "ema_ms", "opt.step_ms", "divide+combine_ms"]

@@ -1,6 +1,6 @@
 """Convert a pretrain.py checkpoint (or torchvision ResNet weights in safetensors) to detectron2's weight format.
 
-    python transfer/convert.py runs/pretrain/ckpt.safetensors runs/pretrain/ckpt-detectron2.pkl
+    python -m transfer.convert runs/pretrain/ckpt.safetensors runs/pretrain/ckpt-detectron2.pkl
 
 MoCo's convention (facebookresearch/moco, detection/): keep the online (query) backbone, rename torchvision keys to
 detectron2's ResNet builder names -- layerN -> res{N+1}, bn{1,2,3} -> conv{1,2,3}.norm, downsample.0 -> shortcut,
@@ -12,18 +12,19 @@ Writing a pickle of numpy arrays is what detectron2 needs; nothing here ever rea
 
 import pickle
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastmoco.py and data.py live one level up
-
-import fastmoco as fm  # noqa: E402
-from data import fail  # noqa: E402
+import fastmoco as fm
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+
+
+def fail(msg):
+    """A one-line, user-facing error: exits with status 1, no traceback."""
+    raise SystemExit(f"error: {msg}")
 
 
 def detectron2_name(key: str) -> str:

@@ -1,9 +1,9 @@
 """Detection / instance-segmentation fine-tuning without detectron2: torchvision's Faster R-CNN or Mask R-CNN with our
 pretrained backbone (ResNet + FPN), on local VOC- or COCO-format data, evaluated with COCO-style mAP (pycocotools).
 
-    accelerate launch transfer/detect.py runs/pretrain/ckpt.safetensors \
+    accelerate launch -m transfer.detect runs/pretrain/ckpt.safetensors \
         --train ~/VOCdevkit/VOC2007:trainval --train ~/VOCdevkit/VOC2012:trainval --val ~/VOCdevkit/VOC2007:test
-    accelerate launch transfer/detect.py ckpt.safetensors --train ~/coco:train2017 --val ~/coco:val2017 --masks \
+    accelerate launch -m transfer.detect ckpt.safetensors --train ~/coco:train2017 --val ~/coco:val2017 --masks \
         --iters 180000
 
 A data source is DIR:SPLIT. VOC layout: DIR/ImageSets/Main/SPLIT.txt, DIR/Annotations/ID.xml, DIR/JPEGImages/ID.jpg.
@@ -13,7 +13,6 @@ Writes DIR/model.safetensors, DIR/log.jsonl and DIR/results.json (AP, AP50, AP75
 """
 
 import json
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 from typing import Annotated, List
@@ -28,14 +27,17 @@ from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torchvision.transforms.v2 import functional as TF
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastmoco.py and data.py live one level up
-
-import fastmoco as fm  # noqa: E402
-from data import MEAN, STD, fail  # noqa: E402
+import fastmoco as fm
+from data import MEAN, STD
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
+
+
+def fail(msg):
+    """A one-line, user-facing error: exits with status 1, no traceback."""
+    raise SystemExit(f"error: {msg}")
 
 
 # ----------------------------------------------------------------------------- data: everything becomes a COCO dict
