@@ -20,6 +20,20 @@ import fastmoco as fm
 
 METHODS = ("byol", "simsiam", "nnclr")  # besides fastmoco.METHODS
 COMBINES = ("mean", "weighted", "beta", "max")
+# Appendix C.1 frameworks (100 epochs there; REFERENCE gives no recipe: the numbers are the original papers'), in
+# fastmoco.RECIPES' format. SimSiam and NNCLR have no momentum encoder: their target is a copy refreshed with m = 0
+# (= the online weights).
+RECIPES = {
+    "byol": dict(epochs=100, batch_size=4096, lr=0.2, weight_decay=1.5e-6, optimizer="lars", warmup_epochs=10,
+                 warmup_from=0.0, momentum=0.996, cosine_momentum=True, tau=1.0, clip_grad=0.0,
+                 fix_predictor_lr=False, milestones=(), aug="mocov3", sync_bn=True),
+    "simsiam": dict(epochs=100, batch_size=512, lr=0.05, weight_decay=1e-4, optimizer="sgd", warmup_epochs=0,
+                    warmup_from=0.0, momentum=0.0, cosine_momentum=False, tau=1.0, clip_grad=0.0,
+                    fix_predictor_lr=True, milestones=(), aug="mocov2", sync_bn=True),
+    "nnclr": dict(epochs=100, batch_size=4096, lr=0.3, weight_decay=1e-6, optimizer="lars", warmup_epochs=10,
+                  warmup_from=0.0, momentum=0.0, cosine_momentum=False, tau=0.1, clip_grad=0.0,
+                  fix_predictor_lr=False, milestones=(), aug="mocov3", sync_bn=True),
+}
 # Table 4a, in the paper's words. Fast-MoCo is divide-encode-combine.
 PIPELINES = ("divide-encode-combine", "divide-combine-encode", "sample-combine-encode", "sample-encode-combine",
              "encode-only", "montage-encode-divide-combine")

@@ -13,8 +13,10 @@ METHODS = ("fastmoco", "mocov3", "mocov2", "mocov1")
 
 
 def stage(script, *args, check=True, timeout=600):
-    """python SCRIPT ARGS (a stage script at the repository root, or under transfer/) -> CompletedProcess."""
-    cmd = [sys.executable, str(ROOT / script), *map(str, args)]
+    """python SCRIPT ARGS for a stage script at the repository root, python -m transfer.NAME ARGS for
+    transfer/NAME.py (run from the root) -> CompletedProcess."""
+    where = ["-m", script[:-3].replace("/", ".")] if "/" in script else [str(ROOT / script)]
+    cmd = [sys.executable, *where, *map(str, args)]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
                        env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"})
     if check and p.returncode:
@@ -59,5 +61,5 @@ def pretrained(labelled, tmp_path_factory):
 
 def call(module, *args, **options):
     """module.main(*args, **options) in this process (typer leaves `main` a plain function): no interpreter start-up
-    per run. A one-line error (data.fail) comes back as SystemExit."""
+    per run. A one-line error comes back as SystemExit."""
     return module.main(*args, **options)

@@ -19,10 +19,10 @@ rank, world = fm.world()
 assert (rank, world) == (acc.process_index, 2)
 
 torch.manual_seed(0)
-model = fm.MoCo(method, "resnet18", small_stem=True)
+model = fm.OnlineEncoder(method, "resnet18", small_stem=True)
 model.eval()  # see module docstring
 target = fm.target_encoder(model).eval()
-ref = fm.MoCo(method, "resnet18", small_stem=True).eval()
+ref = fm.OnlineEncoder(method, "resnet18", small_stem=True).eval()
 ref.load_state_dict(model.state_dict())
 ddp = acc.prepare(model)
 
@@ -47,14 +47,14 @@ mean_loss = acc.reduce(loss.detach(), "mean")
 # The single-process reference on the whole global batch (torch.distributed is not used below: world() would
 # still report 2, so the reference computes its loss by hand).
 if method == "fastmoco":
-    p1, p2 = ref(x1, x2)
+    (_, p1), (_, p2) = ref(x1, x2)
     k1, k2 = target(x1), target(x2)
     ref_loss = (fm.infonce(p1.reshape(6, 2 * N, -1), k2, TAU) + fm.infonce(p2.reshape(6, 2 * N, -1), k1, TAU)) / 2
 elif method == "mocov3":
-    q1, q2_ = ref(x1, x2)
+    (_, q1), (_, q2_) = ref(x1, x2)
     ref_loss = fm.infonce(q1, target(x2), TAU, two_tau=True) + fm.infonce(q2_, target(x1), TAU, two_tau=True)
 else:
-    (q,) = ref(x1)
+    ((_, q),) = ref(x1)
     k = torch.nn.functional.normalize(target(x2).float(), dim=1)
     ref_loss = fm.queue_loss(q, k, queue, 0.2)
     ref_queue = queue.clone()

@@ -16,9 +16,9 @@ rank, world = fm.world()
 assert acc.num_processes == 2 and (rank, world) == (acc.process_index, 2), "expected 2 processes"
 
 torch.manual_seed(0)
-ref = fm.MoCo("mocov3", "resnet18", small_stem=True)  # plain BatchNorm: the reference
+ref = fm.OnlineEncoder("mocov3", "resnet18", small_stem=True)  # plain BatchNorm: the reference
 ref_target = fm.target_encoder(ref)
-model = fm.convert_sync_bn(fm.MoCo("mocov3", "resnet18", small_stem=True))
+model = fm.convert_sync_bn(fm.OnlineEncoder("mocov3", "resnet18", small_stem=True))
 model.load_state_dict(ref.state_dict())
 target = fm.convert_sync_bn(fm.target_encoder(model))
 assert sum(isinstance(m, fm.SyncBatchNorm) for m in model.modules()) == sum(
@@ -32,7 +32,7 @@ loss = fm.mocov3_loss(ddp, target, x1[mine], x2[mine], TAU)
 acc.backward(loss)
 mean_loss = acc.reduce(loss.detach(), "mean")
 
-q1, q2 = ref(x1, x2)
+(_, q1), (_, q2) = ref(x1, x2)
 with torch.no_grad():
     k1, k2 = ref_target(x1), ref_target(x2)
 ref_loss = fm.infonce(q1, k2, TAU, two_tau=True) + fm.infonce(q2, k1, TAU, two_tau=True)

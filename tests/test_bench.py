@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(script, *args):
-    p = subprocess.run([sys.executable, str(ROOT / "bench" / script), *map(str, args)], capture_output=True, text=True,
-                       cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    p = subprocess.run([sys.executable, "-m", f"bench.{script[:-3]}", *map(str, args)], capture_output=True,
+                       text=True, cwd=ROOT, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stderr[-3000:]
     return p.stdout
 

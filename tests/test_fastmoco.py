@@ -81,7 +81,7 @@ def ref_queue_loss(q, k, queue, tau):
 
 def tiny_moco(method, **kw):
     torch.manual_seed(0)
-    return fm.MoCo(method, "resnet18", small_stem=True, **kw)
+    return fm.OnlineEncoder(method, "resnet18", small_stem=True, **kw)
 
 
 # ----------------------------------------------------------------------------- divide / combine
@@ -232,8 +232,9 @@ def test_queue_loss_hand_computed():
 # ----------------------------------------------------------------------------- EMA and queue
 
 def _pairs(seed=0):
+    """(target, online): two modules with parameters of the same names, as ema_update takes them."""
     torch.manual_seed(seed)
-    return [torch.randn(3, 4), torch.randn(5)], [torch.randn(3, 4), torch.randn(5)]
+    return tuple(nn.ParameterList([torch.randn(3, 4), torch.randn(5)]) for _ in range(2))
 
 
 def test_ema_update_m0_copies_online():
@@ -263,12 +264,59 @@ def test_ema_update_per_element(m):
 
 
 def test_ema_update_leaves_bn_buffers_alone():
-    """online_params / target parameters exclude BN running statistics: the target keeps its own buffers."""
+    """The EMA averages parameters only, not BN running statistics: the target keeps its own buffers."""
     model = tiny_moco("mocov3")
     target = fm.target_encoder(model)
     model.backbone.bn1.running_mean.fill_(5.0)
-    fm.ema_update(target.parameters(), fm.online_params(model), 0.0)
+    fm.ema_update(target, model, 0.0)
     assert torch.equal(target.backbone.bn1.running_mean, torch.zeros(64))
+
+
+def test_ema_update_matches_parameters_by_name():
+    """Each target parameter moves towards the online parameter of the same name, whatever the two modules' orders;
+    the online predictor (no target counterpart) is left out. Reference: a loop over names on Python floats."""
+    model = tiny_moco("mocov3")
+    target = fm.target_encoder(model)
+    shuffled = nn.Module()  # the same parameters registered in another order: projector first
+    shuffled.projector, shuffled.predictor, shuffled.backbone = model.projector, model.predictor, model.backbone
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    before, online = {n: p.clone() for n, p in target.named_parameters()}, dict(model.named_parameters())
+    fm.ema_update(target, shuffled, 0.9)
+    for n, p in target.named_parameters():
+        for x, x0, y in list(zip(p.flatten().tolist(), before[n].flatten().tolist(),
+                                 online[n].flatten().tolist()))[:50]:
+            assert x == pytest.approx(0.9 * x0 + 0.1 * y, rel=1e-5, abs=1e-6), n
+    assert not any(n.startswith("predictor") for n, _ in target.named_parameters())
+
+
+def test_make_queue_unit_rows_same_draws():
+    """(K, dim) unit rows, the draws of normalize(randn(K, dim)) (what checkpoints of earlier runs hold)."""
+    torch.manual_seed(4)
+    q = fm.make_queue(16, 8)
+    torch.manual_seed(4)
+    ref = torch.randn(16, 8)
+    assert q.shape == (16, 8) and q.device.type == "cpu"
+    for row, r in zip(q.tolist(), ref.tolist()):
+        norm = math.sqrt(sum(v * v for v in r))
+        assert row == pytest.approx([v / norm for v in r], abs=1e-6)
+
+
+@pytest.mark.parametrize("method", fm.METHODS)
+def test_module_docstring_example_runs(method):
+    """The training step in fastmoco's docstring runs as written for every method: the online encoder moves, and the
+    MoCo v1/v2 keys fill the queue."""
+    code = textwrap.dedent(fm.__doc__.split("in seconds:\n\n")[1].split("\n\nWith several")[0])
+    assert code.count("\n") >= 15 and code.startswith("import torch") and 'method, B, total = "fastmoco"' in code
+    ns = {}
+    exec(code.replace('"fastmoco"', repr(method), 1), ns)
+    assert torch.isfinite(ns["loss"]) and ns["ptr"] == (ns["B"] if method in ("mocov1", "mocov2") else 0)
+    assert all(p.grad is not None for p in ns["model"].parameters()) and ns["optimizer"].state  # backward, step
+    # the EMA ran before the forward (target = online at init), then the step moved the online encoder, unless the
+    # warmup starts at lr 0 (MoCo v3)
+    moved = [not torch.equal(a, b) for a, b in zip(ns["model"].parameters(), ns["target"].parameters())]
+    assert any(moved) == (ns["optimizer"].param_groups[0]["lr"] > 0)
 
 
 @pytest.mark.parametrize("K,n", [(8, 2), (10, 3), (7, 7), (5, 4)])
@@ -551,7 +599,7 @@ def test_moco_forward_shapes_fastmoco_grid2():
     model.backbone.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
     torch.manual_seed(1)
     N = 2
-    p1, p2 = model(torch.randn(N, 3, 32, 32), torch.randn(N, 3, 32, 32))
+    (_, p1), (_, p2) = model(torch.randn(N, 3, 32, 32), torch.randn(N, 3, 32, 32))
     assert p1.shape == p2.shape == (6 * N, 2048)
     assert seen == [(4 * N, 3, 16, 16)] * 2
 
@@ -559,9 +607,9 @@ def test_moco_forward_shapes_fastmoco_grid2():
 def test_moco_forward_shapes_fastmoco_grid3_and_k1():
     torch.manual_seed(1)
     N = 2
-    (p,) = tiny_moco("fastmoco", grid=3, k=2)(torch.randn(N, 3, 24, 24))
+    ((_, p),) = tiny_moco("fastmoco", grid=3, k=2)(torch.randn(N, 3, 24, 24))
     assert p.shape == (math.comb(9, 2) * N, 2048)
-    (p,) = tiny_moco("fastmoco", grid=2, k=1)(torch.randn(N, 3, 32, 32))
+    ((_, p),) = tiny_moco("fastmoco", grid=2, k=1)(torch.randn(N, 3, 32, 32))
     assert p.shape == (4 * N, 2048)
 
 
@@ -571,19 +619,20 @@ def test_moco_forward_shapes_other(method, d):
     seen = []
     model.backbone.register_forward_hook(lambda m, inp, out: seen.append(tuple(inp[0].shape)))
     torch.manual_seed(1)
-    q1, q2 = model(torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32))
+    (_, q1), (_, q2) = model(torch.randn(3, 3, 32, 32), torch.randn(3, 3, 32, 32))
     assert q1.shape == q2.shape == (3, d)
     assert seen == [(3, 3, 32, 32)] * 2  # full views, no divide
 
 
 def test_fastmoco_branch_is_combine_of_patch_features():
-    """branch = predictor(projector(combine(backbone(divide(x))))), checked with a slow per-image patch loop."""
+    """branch -> (z, p), p = predictor(projector(combine(backbone(divide(x))))), checked with a slow per-image patch
+    loop."""
     model = tiny_moco("fastmoco").eval()  # eval: BN uses running stats, so per-patch calls are batch-independent
     torch.manual_seed(2)
     N = 2
     x = torch.randn(N, 3, 32, 32)
     with torch.no_grad():
-        got = model.branch(x)
+        got = model.branch(x)[1]
         feats = {}
         for i in range(N):
             for r in range(2):
@@ -609,10 +658,10 @@ def test_target_encoder():
     assert not any("predictor" in k for k in tsd)
     assert all(not p.requires_grad for p in target.parameters())
     assert all(p.requires_grad for p in model.parameters())
-    # online_params is in the target's parameter order (what ema_update relies on)
-    tp, op = list(target.parameters()), fm.online_params(model)
-    assert len(tp) == len(op) and all(a.shape == b.shape and torch.equal(a, b) for a, b in zip(tp, op))
-    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(tp, op))
+    # every target parameter has an online one of the same name (what ema_update relies on), equal, not shared
+    tp, op = dict(target.named_parameters()), dict(model.named_parameters())
+    assert set(tp) <= set(op) and all(tp[n].shape == op[n].shape and torch.equal(tp[n], op[n]) for n in tp)
+    assert all(tp[n].data_ptr() != op[n].data_ptr() for n in tp)
     # target sees full views: (N, 2048)
     assert target(torch.randn(2, 3, 32, 32)).shape == (2, 2048)
 
@@ -648,7 +697,7 @@ def test_fastmoco_loss_matches_explicit_loop():
     N = x1.shape[0]
     got = fm.fastmoco_loss(model, target, x1, x2).item()
     with torch.no_grad():
-        preds = {1: model.branch(x1), 2: model.branch(x2)}
+        preds = {1: model.branch(x1)[1], 2: model.branch(x2)[1]}
         keys = {1: target(x1), 2: target(x2)}
     C = math.comb(4, 2)
     losses = []
@@ -670,7 +719,7 @@ def test_mocov3_loss_matches_explicit_loop():
     tau = 0.2
     got = fm.mocov3_loss(model, target, x1, x2, tau=tau).item()
     with torch.no_grad():
-        q = {1: model.branch(x1), 2: model.branch(x2)}
+        q = {1: model.branch(x1)[1], 2: model.branch(x2)[1]}
         k = {1: target(x1), 2: target(x2)}
     total = 0.0
     for a, b in ((1, 2), (2, 1)):
@@ -691,7 +740,7 @@ def test_moco_loss_matches_explicit_loop(method):
     tau = 0.2
     loss, keys = fm.moco_loss(model, target, x1, x2, queue, tau, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        q, k = model.branch(x1), target(x2)
+        q, k = model.branch(x1)[1], target(x2)
     expect = []
     for i in range(3):
         qi, ki = _unit(q[i]), _unit(k[i])
@@ -939,7 +988,7 @@ _WORKER = textwrap.dedent("""
     out["shuffled"] = fm.shuffle_bn_forward(enc, x1, torch.Generator().manual_seed(42))
     for method in ("fastmoco", "mocov3", "mocov2"):
         torch.manual_seed(0)
-        model = fm.MoCo(method, "resnet18", small_stem=True).eval()  # eval: BN independent of the split
+        model = fm.OnlineEncoder(method, "resnet18", small_stem=True).eval()  # eval: BN independent of the split
         target = fm.target_encoder(model)
         if method == "fastmoco":
             out[method] = fm.fastmoco_loss(model, target, x1, x2).detach()[None]
@@ -988,7 +1037,7 @@ def test_two_process_gloo(tmp_path):
     queue = nn.functional.normalize(torch.randn(8, 128, generator=torch.Generator().manual_seed(3)), dim=1)
     for method in ("fastmoco", "mocov3", "mocov2"):
         torch.manual_seed(0)
-        model = fm.MoCo(method, "resnet18", small_stem=True).eval()
+        model = fm.OnlineEncoder(method, "resnet18", small_stem=True).eval()
         target = fm.target_encoder(model)
         with torch.no_grad():
             if method == "fastmoco":

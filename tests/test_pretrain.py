@@ -96,7 +96,7 @@ def test_hub_unreachable_fails_fast_with_a_way_forward(tmp_path):
 @pytest.mark.parametrize("args, words", [
     (["--arch", "resnet7"], "unknown --arch"),
     (["--grid", 3], "--grid 3 must divide"),
-    (["--k", 4], "--k must be in 1..3"),
+    (["--combine-k", 4], "--combine-k must be in 1..3"),
     (["--method", "mocov2", "--queue-size", 20], "--queue-size 20 is not divisible"),
     (["--batch-size", 64], "fewer than one global batch"),
 ])
@@ -193,9 +193,9 @@ def test_tensorboard_image_column_and_resume_mismatch(tmp_path):
 
 
 def test_seed_and_a_finer_grid(parquet, tmp_path):
-    """--seed changes init, order and views; --grid 4 --k 3 (C(16,3) = 560 combinations) trains too."""
+    """--seed changes init, order and views; --grid 4 --combine-k 3 (C(16,3) = 560 combinations) trains too."""
     run("--data", parquet, "--max-steps", 2, "--output-dir", tmp_path / "a")
     run("--data", parquet, "--max-steps", 2, "--seed", 1, "--output-dir", tmp_path / "b")
     assert [r["loss"] for r in read_log(tmp_path / "a")] != [r["loss"] for r in read_log(tmp_path / "b")]
-    run("--data", parquet, "--max-steps", 2, "--grid", 4, "--k", 3, "--output-dir", tmp_path / "g")
+    run("--data", parquet, "--max-steps", 2, "--grid", 4, "--combine-k", 3, "--output-dir", tmp_path / "g")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path / "g"))

@@ -238,7 +238,7 @@ def test_simsiam_with_patches_forwards_the_whole_view_again():
     x1, x2 = views()
     model = encoder("simsiam")
     target = fm.target_encoder(model)
-    fm.ema_update(target.parameters(), fm.online_params(model), 0.0)
+    fm.ema_update(target, model, 0.0)
     loss, _ = vr.step_loss("simsiam", model, target, x1, x2)
     (_, p1), (_, p2) = model(x1, x2)
     with torch.no_grad():
@@ -268,12 +268,12 @@ def test_nnclr_positive_is_the_support_neighbour_of_the_other_view():
 # ----------------------------------------------------------------------------- defaults, same view, multi-crop
 
 def test_defaults_compute_exactly_the_core_methods():
-    """Encoder with the defaults = fastmoco.MoCo; step_loss = fastmoco_loss / mocov3_loss."""
+    """Encoder with the defaults = fastmoco.OnlineEncoder; step_loss = fastmoco_loss / mocov3_loss."""
     x1, x2 = views()
     for method, patches, core in (("fastmoco", True, fm.fastmoco_loss), ("mocov3", False, fm.mocov3_loss)):
         model = encoder(method, patches)
         torch.manual_seed(0)
-        ref_model = fm.MoCo(method, "resnet18", True)
+        ref_model = fm.OnlineEncoder(method, "resnet18", True)
         assert model.state_dict().keys() == ref_model.state_dict().keys()
         ref_model.load_state_dict(model.state_dict())
         target = fm.target_encoder(model)
@@ -326,7 +326,7 @@ def test_loader_yields_the_multi_crop_views():
     (dict(method="mocov2"), "has no variants"),
     (dict(method="simsiam", momentum=0.9), "no momentum encoder"),
     (dict(patches=False, combine="max"), "add --patches"),
-    (dict(k=1, combine="beta"), "--k 2 or more"),
+    (dict(k=1, combine="beta"), "--combine-k 2 or more"),
     (dict(pipeline="divide-combine-encode", combine="max"), "--combine does not apply"),
     (dict(combinations=3), "equally often"),
     (dict(same_view=True, multi_crop=1), "does not combine"),
