@@ -462,7 +462,7 @@ def test_lars_zero_param_falls_back_to_ratio_one():
 
 
 class _Tiny(nn.Module):
-    """Duck-typed stand-in for MoCo (backbone / projector / predictor) small enough for many optimizer steps."""
+    """Duck-typed stand-in for OnlineEncoder (backbone / projector / predictor) small enough for many optimizer steps."""
 
     def __init__(self):
         super().__init__()
