@@ -167,8 +167,8 @@ class Encoder(fm.OnlineEncoder):
     """fastmoco.OnlineEncoder with the ablation knobs: the other frameworks' heads, and with patches the pipeline,
     combine operator and number of combinations. The same contract (forward -> per view (z, p), rows (R*N, d)) and
     state-dict keys (backbone.*, projector.*, predictor.*), so fastmoco.target_encoder, ema_update and the checkpoint
-    code apply unchanged; multi-crop views (the third on) are encoded whole (Table 4b). With the defaults it computes
-    exactly fastmoco.OnlineEncoder, through its own code."""
+    code apply unchanged; multi-crop views (the third on) are encoded whole (Table 4b). With the defaults (and for
+    every run without patches) features() is OnlineEncoder's own, so a change there reaches every variant."""
 
     def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, patches=True, grid=2, k=2,
                  pipeline="divide-encode-combine", combine="mean", lam=0.5, alpha=1.0, combinations=0):
@@ -280,7 +280,6 @@ def is_variant(method, patches, pipeline, combine, combinations, same_view, mult
     defines them? Any option this module adds, or patches on (off) for another method than fastmoco."""
     return (method in METHODS or patches != (method == "fastmoco") or pipeline != PIPELINES[0] or combine != "mean"
             or bool(combinations or same_view or multi_crop))
-
 
 
 def check(method, patches, grid, k, pipeline, combine, lam, combinations, same_view, multi_crop,

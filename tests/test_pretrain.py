@@ -199,3 +199,20 @@ def test_seed_and_a_finer_grid(parquet, tmp_path):
     assert [r["loss"] for r in read_log(tmp_path / "a")] != [r["loss"] for r in read_log(tmp_path / "b")]
     run("--data", parquet, "--max-steps", 2, "--grid", 4, "--combine-k", 3, "--output-dir", tmp_path / "g")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path / "g"))
+
+
+def test_data_errors_become_one_line_errors_but_the_loop_body_keeps_its_own():
+    """data.py raises ValueError (e.g. no decodable image, inside the loader); pretrain.py ends with its one-line
+    message, while a ValueError of the training step itself keeps its traceback."""
+    import pretrain
+
+    def loader():
+        yield 1
+        raise ValueError("no image of the dataset can be decoded")
+
+    with pytest.raises(SystemExit, match="^error: no image of the dataset can be decoded$"):
+        for _ in pretrain.one_line_errors(loader()):
+            pass
+    with pytest.raises(ValueError, match="a bug in the step"):
+        for _ in pretrain.one_line_errors(loader()):
+            raise ValueError("a bug in the step")

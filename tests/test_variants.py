@@ -388,3 +388,17 @@ def test_nnclr_sampled_pipeline_resumes_exactly(parquet, tmp_path):
 def test_variant_bad_option_one_line_error(parquet, tmp_path):
     p = run("--data", parquet, "--method", "simsiam", "--momentum", 0.9, "--output-dir", tmp_path, check=False)
     assert p.returncode == 1 and "no momentum encoder" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_is_variant_only_for_options_beyond_the_core_methods():
+    """The four core methods with their defaults run fastmoco.py's code; every option variants.py adds, another
+    framework, or patches switched against the method's default, runs variants.py's."""
+    core = dict(pipeline=vr.PIPELINES[0], combine="mean", combinations=0, same_view=False, multi_crop=0)
+    for method in fm.METHODS:
+        assert not vr.is_variant(method, method == "fastmoco", **core), method
+    for method in vr.METHODS:
+        assert vr.is_variant(method, False, **core), method
+    assert vr.is_variant("fastmoco", False, **core) and vr.is_variant("mocov3", True, **core)
+    for change in (dict(pipeline="encode-only"), dict(combine="max"), dict(combinations=2), dict(same_view=True),
+                   dict(multi_crop=1)):
+        assert vr.is_variant("fastmoco", True, **{**core, **change}), change
