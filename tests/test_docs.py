@@ -1,4 +1,4 @@
-"""Every relative link in README.md and docs/*.md points at a file that exists, and every #anchor at a heading of
+"""Every relative link in README.md, docs/*.md and transfer/README.md points at a file that exists, and every #anchor at a heading of
 that file (GitHub's slugs). External links (http, mailto) are not fetched."""
 
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "transfer" / "README.md"]
 LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")  # [text](target); images excluded
 
 
