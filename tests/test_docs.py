@@ -1,5 +1,5 @@
-"""Every relative link in README.md, docs/*.md and transfer/README.md points at a file that exists, and every #anchor at a heading of
-that file (GitHub's slugs). External links (http, mailto) are not fetched."""
+"""Every relative link in README.md, docs/*.md and transfer/README.md points at a file that exists, and every
+#anchor at a heading of that file (GitHub's slugs). External links (http, mailto) are not fetched."""
 
 import re
 from pathlib import Path
