@@ -1,5 +1,6 @@
 """Shared fixtures of the evaluation-stage tests: small labelled parquet data and one tiny pretrain.py checkpoint per
-method, made once per session."""
+method, made once per session. And the two tiers: tests marked `slow` (subprocess runs of the stage scripts, SIGKILL,
+two processes, loss-decreases) are skipped unless pytest gets --slow, or an -m expression that chooses for itself."""
 
 import os
 import subprocess
@@ -10,6 +11,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("fastmoco", "mocov3", "mocov2", "mocov1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--slow", action="store_true", help="run the slow tier too (subprocesses, SIGKILL, two "
+                     "processes, loss-decreases): the whole suite, as CI runs it")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Skipped, not deselected: a run of a file holding only slow tests still collects them (exit 0, not 5)."""
+    if config.getoption("--slow") or config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="slow tier: add --slow to run it")
+    for item in items:
+        if item.get_closest_marker("slow"):
+            item.add_marker(skip)
 
 
 def stage(script, *args, check=True, timeout=600):

@@ -29,6 +29,7 @@ def table(out: str):
     return columns, [dict(zip(columns, split(line))) for line in lines[2:]]
 
 
+@pytest.mark.slow
 def test_step_cost_table():
     out = bench("step_cost.py", "--arch", "resnet18", "--image-size", 32, "--batch-size", 4, "--steps", 2,
                 "--warmup", 0, "--threads", 1, "--mixed-precision", "no", "--no-channels-last")
@@ -42,6 +43,7 @@ def test_step_cost_table():
     assert "Fast-MoCo / MoCo v3 step time:" in out
 
 
+@pytest.mark.slow
 def test_data_pipeline_table():
     out = bench("data_pipeline.py", "--images", 2, "--rounds", 1, "--size", 32, "--source-size", "96x64")
     columns, rows = table(out)
@@ -50,6 +52,7 @@ def test_data_pipeline_table():
     assert any(r["pipeline"].startswith("data.Views, Fast-MoCo") for r in rows)
 
 
+@pytest.mark.slow
 def test_memory_table():
     out = bench("memory.py", "--arch", "resnet18", "--image-size", 32, "--batch-size", 4, "--steps", 1,
                 "--mixed-precision", "no")
@@ -61,6 +64,7 @@ def test_memory_table():
         assert abs(int(r["step_MiB"]) - (int(r["peak_MiB"]) - int(r["before_MiB"]))) <= 1  # each rounded to MiB
 
 
+@pytest.mark.slow
 def test_sample_efficiency_skips_without_data(tmp_path):
     out = bench("sample_efficiency.py", "--data", tmp_path / "no-cifar10", "--out", tmp_path / "out")
     assert out.startswith("skipped: no CIFAR-10 parquet files") and not (tmp_path / "out").exists()

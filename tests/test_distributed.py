@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # two processes under accelerate launch
 
 
 @pytest.mark.parametrize("method, port", [("fastmoco", 29631), ("mocov3", 29632), ("mocov2", 29633)])

@@ -44,6 +44,7 @@ def torchvision_weights(path, arch="resnet18"):
     return net
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_through_linear_probe_and_semisup(labelled, pretrained, tmp_path, method, monkeypatch):
     """In process (main() called directly) to save interpreter start-ups; the subprocess path is tested below."""
@@ -76,6 +77,7 @@ def test_each_method_through_linear_probe_and_semisup(labelled, pretrained, tmp_
     assert not torch.equal(tensors["conv1.weight"], fm.load_checkpoint(ckpt)[0]["backbone.conv1.weight"])  # fine-tuned
 
 
+@pytest.mark.slow
 def test_linear_probe_on_streamed_data(labelled, pretrained, tmp_path, monkeypatch):
     """--streaming (as for Hub data): augmented batches from the stream, clean passes dispatched by Accelerate; the
     clean passes see every image once."""
@@ -87,6 +89,7 @@ def test_linear_probe_on_streamed_data(labelled, pretrained, tmp_path, monkeypat
     assert len((tmp_path / "log.jsonl").read_text().splitlines()) == 2
 
 
+@pytest.mark.slow
 def test_linear_probe_separable_features_and_torchvision_weights(tmp_path):
     """Solid colours through a fixed random backbone are linearly separable: the probe reaches 100% top-1.
     Plain torchvision weights (no metadata, fc.* present) are accepted."""
@@ -166,6 +169,7 @@ def test_subset_file_by_row_and_by_id_column(tmp_path):
         semisup.subset_from_file(tmp_path / "bad.txt", ds, "file", "image")
 
 
+@pytest.mark.slow
 def test_semisup_honours_a_subset_file(labelled, pretrained, tmp_path):
     (tmp_path / "subset.txt").write_text("\n".join(map(str, [0, 5, 11, 17, 23, 29, 35, 41])))
     stage("semisup.py", pretrained["mocov3"], "--data", labelled, "--subset-file", tmp_path / "subset.txt",
@@ -188,6 +192,7 @@ class Payload:
         return pathlib.Path.touch, (pathlib.Path(self.path),)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", ["linear_probe.py", "semisup.py"])
 def test_pickle_is_refused_unread_with_a_one_line_error(labelled, tmp_path, script):
     """A torch.save-style pickle: refused as not safetensors, never unpickled, exactly one line on stderr."""
@@ -199,6 +204,7 @@ def test_pickle_is_refused_unread_with_a_one_line_error(labelled, tmp_path, scri
     assert not (tmp_path / "unpickled").exists() and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("module", [linear_probe, semisup], ids=["linear_probe", "semisup"])
 @pytest.mark.parametrize("case", ["arch", "torchvision-arch", "unlabelled", "not-a-resnet"])
 def test_bad_inputs_get_one_line_errors(labelled, pretrained, tmp_path, module, case, monkeypatch):
@@ -227,6 +233,7 @@ def test_bad_inputs_get_one_line_errors(labelled, pretrained, tmp_path, module, 
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one(labelled, pretrained, tmp_path):
     """`accelerate launch` on 2 CPU processes (gloo), cached features: every image is encoded exactly once across the
     processes (gather_for_metrics drops the padding), so the classifier, its accuracy and kNN equal one process's."""

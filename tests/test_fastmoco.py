@@ -770,6 +770,7 @@ def _train(method, steps=15, lr=0.05, **loss_kw):
     return losses
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["fastmoco", "mocov3", "mocov2", "mocov1"])
 def test_loss_decreases_on_fixed_batch(method):
     """A few SGD steps on one fixed tiny batch (fixed target) must lower the loss: gradients flow correctly."""
@@ -1003,6 +1004,7 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_two_process_gloo(tmp_path):
     """Real 2-process run: gather order, shuffle-BN un-shuffling, and the global-batch losses (eval-mode BN) whose
     rank average equals the single-process loss on the concatenated batch (checks the rank*N positive offset)."""

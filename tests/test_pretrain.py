@@ -16,6 +16,7 @@ import fastmoco as fm
 from data import demo_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # every test here starts pretrain.py as a subprocess
 
 
 def run(*args, check=True, env=None, timeout=600, stem=("--no-small-stem",)):

@@ -69,6 +69,7 @@ def assert_same_run(a, b):
         assert torch.equal(ta[k], tb[k]), k
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method, streaming", [("fastmoco", False), ("mocov2", True)])
 def test_sigkill_then_same_command_resumes_exactly(shards, tmp_path, method, streaming):
     """Kill a real run with SIGKILL right after its 3rd checkpoint, corrupt the newest checkpoint on disk, and rerun the
@@ -98,6 +99,7 @@ def small(tmp_path_factory):
     return d
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_or_is_skipped(small, tmp_path):
     """A diverging run (lr 1e30): without --skip-nonfinite it stops naming the step and keeps the good checkpoints,
     never writing one after the NaN; with it, every non-finite step is skipped and counted, and leaves the weights,
@@ -119,6 +121,7 @@ def test_nonfinite_loss_stops_or_is_skipped(small, tmp_path):
             assert torch.equal(good[k], last[k]), k
 
 
+@pytest.mark.slow
 def test_full_disk_gives_one_line_error_and_keeps_the_checkpoint(small, tmp_path):
     """A real write failure: the resumed run may not write files larger than half a checkpoint (RLIMIT_FSIZE, as on
     a full disk or quota, EFBIG instead of ENOSPC). It stops with one line, leaves no temporary file, and the
@@ -142,6 +145,7 @@ def test_full_disk_gives_one_line_error_and_keeps_the_checkpoint(small, tmp_path
     assert ckpt.read_bytes() == before and fm.load_checkpoint(ckpt)[1]["step"] == 1
 
 
+@pytest.mark.slow
 def test_resume_with_other_settings_is_refused(small, tmp_path):
     """Automatic resume continues the run in --output-dir: a command that would compute something else there (another
     seed, grid, batch) is refused with one line naming the flags; flags that only change how it runs are accepted."""
@@ -198,6 +202,7 @@ def test_load_rgb_converts_modes_and_refuses_broken_files():
             assert img.mode == "RGB" and img.getpixel((0, 0)) == pytest.approx(pixel, abs=2), name
 
 
+@pytest.mark.slow
 def test_bad_images_are_skipped_counted_and_bounded(tmp_path):
     """Parquet data with every kind of broken and odd image among good ones: the run converts the odd ones, skips the
     4 undecodable ones (naming them), counts them in the log, and stops with one line when they exceed
@@ -227,6 +232,7 @@ class Boom:
         return os.system, (f"touch {self.marker}",)
 
 
+@pytest.mark.slow
 def test_planted_pickles_are_never_unpickled(small, tmp_path):
     """A malicious pickle as .pt / .pth / .pkl (given to --resume) and renamed to ckpt.safetensors in the output
     directory (found by automatic resume): every one is refused with one line or skipped with a warning, and its
@@ -267,6 +273,7 @@ def test_no_unpickling_or_eval_in_the_project():
                 assert "weights_only=True" in call.split(")")[0], (f.name, t.start)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", [
     (["--lr", "nan"], "--lr nan is out of range"),
     (["--log-every", 0], "--log-every 0 is out of range"),
@@ -278,6 +285,7 @@ def test_more_bad_arguments_get_one_line_errors(small, tmp_path, args, words):
     assert p.returncode == 1 and len(err) == 1 and words in err[0], p.stderr
 
 
+@pytest.mark.slow
 def test_cpu_sync_bn_gives_global_batch_statistics():
     """fastmoco.SyncBatchNorm under a real 2-process gloo launch equals plain BN on the whole batch (see
     tests/syncbn_check.py): outputs (through the loss), gradients, and both encoders' running statistics."""
@@ -303,6 +311,7 @@ def launch2(port, *args, check=True):
     return p
 
 
+@pytest.mark.slow
 def test_two_process_resume_equals_uninterrupted(shards, tmp_path):
     """2 processes, Fast-MoCo with the CPU SyncBN, streaming (one shard per process): stopped at step 2 and
     restarted with the same command in the same directory, the run ends bit-identical to an uninterrupted one --
@@ -319,6 +328,7 @@ def test_two_process_resume_equals_uninterrupted(shards, tmp_path):
     assert p.returncode != 0 and "--batch-size 9 is not divisible by the 2 processes" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_memory_stays_flat_and_workers_are_cleaned_up(small, tmp_path):
     """100 tiny steps (MoCo v2, 16 px) with 2 DataLoader workers and a checkpoint every 25: the main process's RSS
     after 20 steps and at the end differ by less than 48 MB, and no worker outlives the run."""

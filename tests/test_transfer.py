@@ -74,6 +74,7 @@ def test_detectron2_layout_written_down_matches_known_counts():
     assert detectron2_layout(50)["res5.0.shortcut.weight"] == (2048, 1024, 1, 1)
 
 
+@pytest.mark.slow
 def test_torchvision_r50_converts_to_the_detectron2_layout(tmp_path):
     torch.manual_seed(0)
     net = torchvision.models.resnet50()
@@ -94,6 +95,7 @@ def test_torchvision_r50_converts_to_the_detectron2_layout(tmp_path):
         assert np.array_equal(model[d2], sd[tv].numpy()), d2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
 def test_each_method_converts(pretrained, tmp_path, method):
     call(convert, pretrained[method], tmp_path / "d2.pkl")
@@ -252,6 +254,7 @@ def test_map_wiring_with_perfect_and_wrong_predictions(detection_data):
     assert r["AP50"] == pytest.approx(100) and r["AP75"] == 0
 
 
+@pytest.mark.slow
 def test_faster_rcnn_on_voc_format_end_to_end(pretrained, detection_data, tmp_path):
     voc, _ = detection_data
     stage("transfer/detect.py", pretrained["fastmoco"], "--train", f"{voc}:train", "--val", f"{voc}:val", "--iters", 3,
@@ -265,6 +268,7 @@ def test_faster_rcnn_on_voc_format_end_to_end(pretrained, detection_data, tmp_pa
     assert tensors["backbone.body.conv1.weight"].shape == (64, 3, 7, 7)  # our ResNet under torchvision's FPN
 
 
+@pytest.mark.slow
 def test_mask_rcnn_on_coco_format_end_to_end(pretrained, detection_data, tmp_path, monkeypatch):
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     _, coco = detection_data
@@ -277,6 +281,7 @@ def test_mask_rcnn_on_coco_format_end_to_end(pretrained, detection_data, tmp_pat
     assert "backbone.body.bn1.weight" in tensors  # FrozenBatchNorm2d buffers (--no-sync-bn)
 
 
+@pytest.mark.slow
 def test_detect_bad_sources(pretrained, detection_data, tmp_path):
     voc, coco = detection_data
     with pytest.raises(SystemExit, match="neither .*ImageSets/Main/nope.txt"):

@@ -351,6 +351,7 @@ def _check_run(d, method, steps=(1, 2)):
     return tensors, meta
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [  # several flags per run: each run costs ~10 s of process start and data
     ["--method", "byol", "--patches", "--combine", "max", "--multi-crop", 1, "--multi-crop-size", 16],
     ["--method", "simsiam", "--patches", "--same-view", "--pipeline", "divide-combine-encode"],
@@ -370,6 +371,7 @@ def test_variant_runs_and_checkpoint_loads_into_torchvision(parquet, tmp_path, a
     assert tensors["queue"].shape == (16, 256) if method == "nnclr" else "queue" not in tensors
 
 
+@pytest.mark.slow
 def test_nnclr_sampled_pipeline_resumes_exactly(parquet, tmp_path):
     """Support set, ptr and the CPU generator (random crops, Beta weights) are saved: a resumed run repeats an
     uninterrupted one bit for bit."""
@@ -385,6 +387,7 @@ def test_nnclr_sampled_pipeline_resumes_exactly(parquet, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng.")), "resumed weights differ"
 
 
+@pytest.mark.slow
 def test_variant_bad_option_one_line_error(parquet, tmp_path):
     p = run("--data", parquet, "--method", "simsiam", "--momentum", 0.9, "--output-dir", tmp_path, check=False)
     assert p.returncode == 1 and "no momentum encoder" in p.stderr and len(p.stderr.strip().splitlines()) == 1
