@@ -111,6 +111,9 @@ def check_same_run(point, args: dict):
     """A resumed run must compute what the checkpoint's run computed: a one-line error naming the flags that differ
     (auto-resume picks up DIR's checkpoint, so a new experiment in an old --output-dir would otherwise mix the two)."""
     path, _, meta = point
+    if meta.get("format") != "fastmoco-pretrain-v1":  # e.g. a backbone-only import (transfer/import_weights.py)
+        fail(f"{path} is not a pretraining checkpoint (format {meta.get('format')}): --resume needs one written by "
+             "pretrain.py, or imported from a full published pretraining file")
     saved = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     if (meta.get("method"), meta.get("arch")) != (args["method"], args["arch"]):
         fail(f"{path} is a {meta.get('method')}/{meta.get('arch')} checkpoint; this run is {args['method']}/"
