@@ -1,0 +1,236 @@
+"""transfer/import_weights.py and transfer/export_timm.py: files in each published layout are built here with the
+official model code restated (facebookresearch/moco and moco-v3 builder.py, orashi/Fast-MoCo fastmoco_builder.py),
+one real optimizer step and torch.save, then imported; every tensor, the features, the heads and the momentum buffers
+are compared with the source modules themselves (matched by object or by value, not through the importer's rules)."""
+
+import copy
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+import yaml
+from safetensors.torch import load_file
+
+import fastmoco as fm
+import runs
+import transfer.convert as convert
+import transfer.export_timm as export
+import transfer.import_weights as iw
+from conftest import ROOT, call
+
+ONLINE = getattr(fm, "OnlineEncoder", None) or getattr(fm, "MoCo")  # (being renamed to OnlineEncoder)
+
+
+# ----------------------------------------------------------------------------- the official models, restated
+
+def randomise_bn(model: nn.Module):
+    """Non-trivial BN affine parameters and running statistics, so a tensor under the wrong name shows."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            if m.affine:
+                nn.init.uniform_(m.weight, 0.5, 1.5)
+                nn.init.normal_(m.bias, 0, 0.1)
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 1.5)
+            m.num_batches_tracked.fill_(7)
+
+
+def v3_mlp(num_layers, input_dim, mlp_dim, output_dim, last_bn=True):  # moco-v3 MoCo._build_mlp
+    layers = []
+    for i in range(num_layers):
+        d1, d2 = input_dim if i == 0 else mlp_dim, output_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(d1, d2, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(d2), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(d2, affine=False))
+    return nn.Sequential(*layers)
+
+
+class ProjectionMLP(nn.Module):  # Fast-MoCo projection_MLP
+    def __init__(self, d, h=2048, o=2048):
+        super().__init__()
+        self.linear1, self.bn1 = nn.Linear(d, h), nn.BatchNorm1d(h)
+        self.linear2, self.bn2 = nn.Linear(h, h), nn.BatchNorm1d(h)
+        self.linear3, self.bn3 = nn.Linear(h, o), nn.BatchNorm1d(o)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        x = self.activation(self.bn1(self.linear1(torch.flatten(x, 1))))
+        return self.bn3(self.linear3(self.activation(self.bn2(self.linear2(x)))))
+
+
+class PredictionMLP(nn.Module):  # Fast-MoCo prediction_MLP
+    def __init__(self):
+        super().__init__()
+        self.linear1, self.bn1, self.layer2 = nn.Linear(2048, 512), nn.BatchNorm1d(512), nn.Linear(512, 2048)
+        self.activation = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        return self.layer2(self.activation(self.bn1(self.linear1(x))))
+
+
+def official(layout: str, arch: str, K: int = 16):
+    """(model, online backbone module, [(our head name, official module)], target module) as the official code builds
+    them; the target differs from the online encoder, as after training."""
+    net = getattr(torchvision.models, arch)
+    if layout in ("mocov1", "mocov2"):
+        m = nn.Module()
+        m.encoder_q, m.encoder_k = net(num_classes=128), net(num_classes=128)
+        if layout == "mocov2":
+            for e in (m.encoder_q, m.encoder_k):
+                e.fc = nn.Sequential(nn.Linear(e.fc.weight.shape[1], e.fc.weight.shape[1]), nn.ReLU(), e.fc)
+        m.register_buffer("queue", nn.functional.normalize(torch.randn(128, K), dim=0))
+        m.register_buffer("queue_ptr", torch.tensor([8]))
+        online, target, heads = m.encoder_q, m.encoder_k, [("projector", m.encoder_q.fc)]
+    elif layout == "mocov3":
+        m = nn.Module()
+        m.base_encoder, m.momentum_encoder = net(num_classes=4096), net(num_classes=4096)
+        hidden = m.base_encoder.fc.weight.shape[1]
+        del m.base_encoder.fc, m.momentum_encoder.fc
+        m.base_encoder.fc, m.momentum_encoder.fc = v3_mlp(2, hidden, 4096, 256), v3_mlp(2, hidden, 4096, 256)
+        m.predictor = v3_mlp(2, 256, 4096, 256, False)
+        online, target, heads = m.base_encoder, m.momentum_encoder, [("projector", m.base_encoder.fc),
+                                                                      ("predictor", m.predictor)]
+    else:
+        tv, tv_ema = net(), net()
+        m = nn.Module()
+        m.backbone = nn.Sequential(*list(tv.children())[:-1])
+        m.encoder = nn.Sequential(m.backbone, ProjectionMLP(tv.fc.in_features))
+        m.bbone_ema = nn.Sequential(*list(tv_ema.children())[:-1])
+        m.encoder_ema = nn.Sequential(m.bbone_ema, ProjectionMLP(tv.fc.in_features))
+        m.predictor = PredictionMLP()
+        online, target, heads = tv, m.encoder_ema, [("projector", m.encoder[1]), ("predictor", m.predictor)]
+    if layout != "fastmoco":
+        for p_q, p_k in zip(online.parameters(), target.parameters()):
+            p_k.data.copy_(p_q.data + 0.01 * torch.randn_like(p_q))
+            p_k.requires_grad = False
+    randomise_bn(m)
+    return m, online, heads, target
+
+
+def official_file(path, layout, arch, K=16, epoch=2, last_iter=3):
+    """torch.save the layout after one optimizer step with random gradients (the official optimizer construction)."""
+    m, online, heads, target = official(layout, arch, K)
+    if layout == "fastmoco":  # two groups by name; the EMA copies are not frozen there, they just get no gradient
+        named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+        opt = torch.optim.SGD([{"params": [p for n, p in named if "predictor" not in n]},
+                               {"params": [p for n, p in named if "predictor" in n]}], lr=0.1, momentum=0.9)
+        trained = [p for n, p in named if not n.startswith(("bbone_ema", "encoder_ema"))]
+    else:  # MoCo v1/v2: SGD(model.parameters()); v3: LARS(model.parameters()) (state "mu", as fastmoco.LARS)
+        opt = (fm.LARS if layout == "mocov3" else torch.optim.SGD)(m.parameters(), lr=0.1, momentum=0.9)
+        trained = [p for p in m.parameters() if p.requires_grad]
+    for p in trained:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    sd = {f"module.{k}": v for k, v in m.state_dict().items()}  # DistributedDataParallel's prefix
+    if layout == "fastmoco":
+        obj = {"model": sd, "optimizer": opt.state_dict(), "last_iter": last_iter}
+    else:
+        obj = {"epoch": epoch, "arch": arch, "state_dict": sd, "optimizer": opt.state_dict()}
+    if layout == "mocov3":  # torch GradScaler.state_dict()
+        obj["scaler"] = {"scale": 1024.0, "growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000,
+                         "_growth_tracker": 5}
+    torch.save(obj, path)
+    return m, online, heads, target, opt
+
+
+def features(module, x):
+    with torch.no_grad():
+        return module.eval()(x).flatten(1)
+
+
+def pooled(resnet):
+    """A torchvision ResNet's pooled features (its classifier removed)."""
+    r = copy.deepcopy(resnet)
+    r.fc = nn.Identity()
+    return r
+
+
+# ----------------------------------------------------------------------------- import
+
+@pytest.mark.parametrize("layout,arch", [("mocov1", "resnet18"), ("mocov2", "resnet50"), ("mocov3", "resnet18"),
+                                         ("fastmoco", "resnet18"), ("fastmoco", "resnet50")])
+def test_import_each_layout(tmp_path, layout, arch, capsys):
+    torch.manual_seed(0)
+    src, out = tmp_path / "official.pth.tar", tmp_path / "ours.safetensors"
+    m, online, heads, target, opt = official_file(src, layout, arch)
+    call(iw, src, out, steps_per_epoch=None)
+    assert f"wrote {out}" in capsys.readouterr().out
+    tensors, meta = fm.load_checkpoint(out)
+    method = layout
+    assert (meta["format"], meta["method"], meta["arch"], meta["small_stem"]) == ("fastmoco-pretrain-v1", method,
+                                                                                    arch, False)
+    assert meta["step"] == (3 if layout == "fastmoco" else 2 * iw.LAYOUTS[layout][4])
+
+    # the backbone: strictly into torchvision (only fc missing), and as linear_probe.py / semisup.py load it
+    tv = getattr(torchvision.models, arch)()
+    missing, unexpected = tv.load_state_dict(fm.prefixed(tensors, "backbone."), strict=False)
+    assert unexpected == [] and sorted(missing) == ["fc.bias", "fc.weight"]
+    backbone, _ = fm.load_backbone(out)
+    x = torch.randn(2, 3, 64, 64)
+    src_backbone = m.backbone if layout == "fastmoco" else pooled(online)
+    torch.testing.assert_close(features(backbone, x), features(src_backbone, x), rtol=0, atol=0)
+    if layout == "fastmoco":  # the torchvision module the Sequential was cut from: the same names, key by key
+        ref = {k: v for k, v in online.state_dict().items() if not k.startswith("fc.")}
+        assert all(torch.equal(ref[k], v) for k, v in fm.prefixed(tensors, "backbone.").items()) and \
+            ref.keys() == fm.prefixed(tensors, "backbone.").keys()
+
+    # heads and the target encoder compute what the official modules compute
+    projector, predictor = fm.heads(method, backbone.dim)
+    ours = {"projector": projector, "predictor": predictor}
+    for name, module in heads:
+        ours[name].load_state_dict(fm.prefixed(tensors, f"{name}."))
+        h = torch.randn(4, next(x for x in module.modules() if isinstance(x, nn.Linear)).in_features)
+        torch.testing.assert_close(features(ours[name], h), features(module, h), rtol=0, atol=0)
+    tgt = nn.Sequential(fm.resnet(arch), fm.heads(method, backbone.dim)[0])
+    tgt.load_state_dict({k.replace("backbone.", "0.", 1).replace("projector.", "1.", 1): v
+                         for k, v in fm.prefixed(tensors, "target.").items()})
+    torch.testing.assert_close(features(tgt, x), features(target, x), rtol=0, atol=0)
+
+    # resume state: runs.load_state (what pretrain.py --resume calls) into the model and optimizer pretrain.py builds;
+    # each momentum buffer is the official one of the parameter with the same values
+    model = ONLINE(method, arch)
+    our_opt = fm.make_optimizer(model, "lars" if method == "mocov3" else "sgd", 0.1, 0.0, method == "fastmoco")
+    queue = torch.zeros(16, 128) if layout in ("mocov1", "mocov2") else None
+    ptr, step, _ = runs.load_state(tensors, meta, model, fm.target_encoder(model), our_opt, queue)
+    assert step == meta["step"]
+    buf = "mu" if method == "mocov3" else "momentum_buffer"
+    checked = 0
+    for p_off, state in opt.state.items():
+        p = next(p for p in model.parameters() if p.shape == p_off.shape and torch.equal(p, p_off))
+        torch.testing.assert_close(our_opt.state[p][buf], state[buf], rtol=0, atol=0)
+        checked += 1
+    assert checked == len(list(model.parameters())) == len(our_opt.state)
+    if queue is not None:
+        torch.testing.assert_close(queue, m.queue.T, rtol=0, atol=0)
+        assert ptr == 8
+    if layout == "mocov3":
+        assert tensors["scaler.scale"].item() == 1024.0 and tensors["scaler._growth_tracker"].item() == 5
+
+
+def test_resume_continues_from_imported_files(labelled, tmp_path):
+    """pretrain.py --resume accepts an imported Fast-MoCo and MoCo v2 file unchanged and trains on from its step."""
+    procs = {}
+    for layout, extra in (("fastmoco", []), ("mocov2", ["--queue-size", "16"])):
+        src, ckpt = tmp_path / f"{layout}.pth.tar", tmp_path / f"{layout}.safetensors"
+        official_file(src, layout, "resnet18", last_iter=3, epoch=1)
+        call(iw, src, ckpt, steps_per_epoch=3 if layout == "mocov2" else None)
+        cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(labelled), "--method", layout, "--arch",
+               "resnet18", "--batch-size", "8", "--epochs", "2", "--max-steps", "4", "--workers", "0",
+               "--no-tensorboard", "--save-every", "0", "--resume", str(ckpt), "--output-dir", str(tmp_path / layout),
+               *extra]
+        procs[layout] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                         env={**os.environ, "ACCELERATE_MIXED_PRECISION": "no", "OMP_NUM_THREADS": "1"})
+    for layout, p in procs.items():
+        out, err = p.communicate(timeout=900)
+        assert p.returncode == 0, f"{layout}:\n{out[-2000:]}\n{err[-3000:]}"
+        tensors, meta = fm.load_checkpoint(tmp_path / layout / "ckpt.safetensors")
+        assert meta["step"] == 4 and meta["method"] == layout
+        before, _ = fm.load_checkpoint(tmp_path / f"{layout}.safetensors")
+        assert not torch.equal(tensors["backbone.conv1.weight"], before["backbone.conv1.weight"])  # it trained
