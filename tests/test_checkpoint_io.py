@@ -215,12 +215,13 @@ def test_import_each_layout(tmp_path, layout, arch, capsys):
 
 
 def test_resume_continues_from_imported_files(labelled, tmp_path):
-    """pretrain.py --resume accepts an imported Fast-MoCo and MoCo v2 file unchanged and trains on from its step."""
+    """pretrain.py --resume accepts an imported Fast-MoCo and MoCo v1 file (queue, SGD momentum) unchanged and trains
+    on from its step."""
     procs = {}
-    for layout, extra in (("fastmoco", []), ("mocov2", ["--queue-size", "16"])):
+    for layout, extra in (("fastmoco", []), ("mocov1", ["--queue-size", "16"])):
         src, ckpt = tmp_path / f"{layout}.pth.tar", tmp_path / f"{layout}.safetensors"
         official_file(src, layout, "resnet18", last_iter=3, epoch=1)
-        call(iw, src, ckpt, steps_per_epoch=3 if layout == "mocov2" else None)
+        call(iw, src, ckpt, steps_per_epoch=3 if layout == "mocov1" else None)
         cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(labelled), "--method", layout, "--arch",
                "resnet18", "--batch-size", "8", "--epochs", "2", "--max-steps", "4", "--workers", "0",
                "--no-tensorboard", "--save-every", "0", "--resume", str(ckpt), "--output-dir", str(tmp_path / layout),
@@ -234,3 +235,117 @@ def test_resume_continues_from_imported_files(labelled, tmp_path):
         assert meta["step"] == 4 and meta["method"] == layout
         before, _ = fm.load_checkpoint(tmp_path / f"{layout}.safetensors")
         assert not torch.equal(tensors["backbone.conv1.weight"], before["backbone.conv1.weight"])  # it trained
+
+
+class Payload:
+    """Unpickling this runs code: it writes the marker file."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_malicious_pickle_never_runs(tmp_path):
+    evil, marker = tmp_path / "moco_v2_800ep_pretrain.pth.tar", tmp_path / "marker"
+    torch.save({"epoch": 800, "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}, "x": Payload(marker)},
+               evil)
+    with pytest.raises(SystemExit) as e:
+        call(iw, evil, tmp_path / "out.safetensors", steps_per_epoch=None)
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and str(evil) in msg and "refused" in msg and "exec" in msg
+    assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
+    torch.load(evil, weights_only=False)  # the control: an unrestricted load does run it
+    assert marker.read_text() == "ran"
+
+
+def error(tmp_path, src, **kw):
+    with pytest.raises(SystemExit) as e:
+        call(iw, src, kw.pop("out", tmp_path / "out.safetensors"), steps_per_epoch=kw.pop("steps_per_epoch", None))
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg, msg
+    assert not (tmp_path / "out.safetensors").exists()
+    return msg
+
+
+def test_unsupported_and_broken_files(tmp_path, capsys):
+    """Anything that is not a published layout gets one line: the layouts that are supported, or what to do."""
+    torch.save({"head.weight": torch.zeros(3, 3)}, tmp_path / "other.pth")
+    msg = error(tmp_path, tmp_path / "other.pth")
+    assert "unsupported layout" in msg and all(r in msg for r in ("facebookresearch/moco", "moco-v3", "Fast-MoCo"))
+    torch.save({"weights": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "nested.pth")
+    assert "holds no tensors" in error(tmp_path, tmp_path / "nested.pth")
+    (tmp_path / "text.pth").write_text("not a checkpoint")
+    assert "not a readable torch.save file" in error(tmp_path, tmp_path / "text.pth")
+    torch.save([torch.zeros(1)], tmp_path / "list.pth")
+    assert "not a checkpoint dict" in error(tmp_path, tmp_path / "list.pth")
+    assert "does not exist" in error(tmp_path, tmp_path / "missing.pth.tar")
+    (tmp_path / "ours.safetensors").write_bytes(b"x")
+    assert "read it directly" in error(tmp_path, tmp_path / "ours.safetensors")
+    official_file(tmp_path / "v1.pth.tar", "mocov1", "resnet18")
+    assert "must end in .safetensors" in error(tmp_path, tmp_path / "v1.pth.tar", out=tmp_path / "out.pth")
+    assert "out of range" in error(tmp_path, tmp_path / "v1.pth.tar", steps_per_epoch=0)
+    # MoCo v3 with a BN after the predictor (as its ViT variant has): not what fastmoco.heads("mocov3") builds
+    m, *_ = official("mocov3", "resnet18")
+    sd = {f"module.{k}": v for k, v in m.state_dict().items()}
+    sd.update({f"module.predictor.4.{k}": v for k, v in nn.BatchNorm1d(256, affine=False).state_dict().items()})
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": sd}, tmp_path / "v3.pth.tar")
+    call(iw, tmp_path / "v3.pth.tar", tmp_path / "v3.safetensors", steps_per_epoch=None)
+    note = capsys.readouterr().out
+    assert "predictor.4" in note and "backbone only" in note
+    assert fm.load_checkpoint(tmp_path / "v3.safetensors")[1]["format"] == "fastmoco-backbone-v1"
+    # tensors no layout explains
+    m, *_ = official("fastmoco", "resnet18")
+    torch.save({"model": {f"module.{k}": v for k, v in {**m.state_dict(), "extra.weight": torch.zeros(1)}.items()}},
+               tmp_path / "extra.pth")
+    assert "extra.weight" in error(tmp_path, tmp_path / "extra.pth")
+    # a Fast-MoCo file whose two copies of the backbone disagree
+    m, *_ = official("fastmoco", "resnet18")
+    sd = {f"module.{k}": v.clone() for k, v in m.state_dict().items()}
+    sd["module.encoder.0.0.weight"] += 1
+    torch.save({"model": sd, "last_iter": 1}, tmp_path / "edited.pth")
+    assert "not a copy of" in error(tmp_path, tmp_path / "edited.pth")
+
+
+def test_partial_files_import_their_backbone(tmp_path, capsys):
+    """A linear-*.pth.tar probe file and a MoCo v2 file without its momentum encoder: the backbone is written, with a
+    note saying what was missing and that a resume needs the full file; linear_probe.py's loader and
+    transfer/convert.py take it, pretrain.py --resume refuses it with one line."""
+    torch.manual_seed(0)
+    tv = torchvision.models.resnet18()
+    randomise_bn(tv)
+    sd = {f"module.{k}": v for k, v in tv.state_dict().items()}  # moco main_lincls.py: DDP(resnet) with a 1000-way fc
+    torch.save({"epoch": 100, "arch": "resnet18", "state_dict": sd, "best_acc1": torch.tensor(70.0),
+                "optimizer": {"state": {}, "param_groups": []}}, tmp_path / "linear-100ep.pth.tar")
+    out = tmp_path / "linear.safetensors"
+    call(iw, tmp_path / "linear-100ep.pth.tar", out, steps_per_epoch=None)
+    note = capsys.readouterr().out
+    assert "linear-evaluation file" in note and "1000-class" in note and "--resume" in note
+    backbone, meta = fm.load_backbone(out)
+    x = torch.randn(2, 3, 64, 64)
+    torch.testing.assert_close(features(backbone, x), features(pooled(tv), x), rtol=0, atol=0)
+    assert meta["format"] == "fastmoco-backbone-v1" and meta["arch"] == "resnet18"
+    call(convert, out, tmp_path / "d2.pkl", arch=None)
+    assert (tmp_path / "d2.pkl").is_file()
+    point = runs.resume_point(tmp_path, out)
+    with pytest.raises(SystemExit, match="not a pretraining checkpoint"):
+        runs.check_same_run(point, dict(method="mocov2", arch="resnet18"))
+
+    m, online, *_ = official("mocov1", "resnet18")
+    sd = {f"module.{k}": v for k, v in m.state_dict().items() if ".encoder_k." not in f".{k}"}
+    torch.save({"epoch": 200, "arch": "resnet18", "state_dict": sd}, tmp_path / "no-target.pth.tar")
+    call(iw, tmp_path / "no-target.pth.tar", out, steps_per_epoch=None)
+    note = capsys.readouterr().out
+    assert "a mocov1 file without target." in note and "backbone only" in note
+    backbone, meta = fm.load_backbone(out)
+    torch.testing.assert_close(features(backbone, x), features(pooled(online), x), rtol=0, atol=0)
+    assert meta["method"] == "mocov1"
+    # the official MoCo v2 code on a ResNet-18 builds a 512-wide MLP; fastmoco.heads("mocov2") is 2048 wide
+    m, online, *_ = official("mocov2", "resnet18")
+    torch.save({"epoch": 200, "state_dict": {f"module.{k}": v for k, v in m.state_dict().items()}},
+               tmp_path / "v2.pth")
+    call(iw, tmp_path / "v2.pth", out, steps_per_epoch=None)
+    note = capsys.readouterr().out
+    assert "encoder_q.fc.0.weight" in note and "(512, 512)" in note and "backbone only" in note
+    torch.testing.assert_close(features(fm.load_backbone(out)[0], x), features(pooled(online), x), rtol=0, atol=0)

@@ -69,10 +69,12 @@ def read(path: Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        why = re.search(r"Unsupported [^.\n]*", str(e))
-        fail(f"{path} is refused: it needs arbitrary Python objects to load ({why[0] if why else 'not a torch file'})"
-             ", and only tensors and plain containers are ever unpickled here; re-save its state dict with torch.save "
-             "where you trust the file")
+        why = re.search(r"Unsupported global: [^ \n]+ [^ \n]+", str(e))  # e.g. "Unsupported global: GLOBAL exec"
+        if why:
+            fail(f"{path} is refused: it needs arbitrary Python objects to load ({why[0]}), and only tensors and plain "
+                 "containers are ever unpickled here; re-save its state dict with torch.save where you trust the file")
+        fail(f"{path} is not a readable torch.save file ({str(e).splitlines()[-1][:120]}): pass the published "
+             ".pth.tar as downloaded")
     except Exception as e:  # torch raises RuntimeError, KeyError, EOFError, ... for bytes that are no torch.save file
         fail(f"{path} is not a readable torch.save file ({type(e).__name__}: {str(e).splitlines()[0][:120]}): pass "
              "the published .pth.tar as downloaded")
@@ -223,9 +225,9 @@ def online_order(method: str, arch: str, small_stem: bool) -> list:
 
 # ----------------------------------------------------------------------------- conversion
 
-def backbone_only(sd: dict, obj: dict, path: Path, layout: Optional[str] = None, missing: str = "") -> tuple:
-    """(tensors, metadata, notes) of a file that holds a ResNet but not everything a full checkpoint has: a published
-    layout with parts missing, a linear-evaluation file, or a bare backbone."""
+def backbone_only(sd: dict, obj: dict, path: Path, layout: Optional[str] = None, what: str = "") -> tuple:
+    """(tensors, metadata, notes) of a file that holds a ResNet but not everything a full checkpoint of this project
+    has: a published layout with parts missing or heads of other shapes, a linear-evaluation file, a bare backbone."""
     p = backbone_prefix(sd)
     if p is None:
         fail(f"{path}: unsupported layout (keys such as {', '.join(list(sd)[:3])}): supported layouts are "
@@ -239,9 +241,8 @@ def backbone_only(sd: dict, obj: dict, path: Path, layout: Optional[str] = None,
     backbone = {k: v for k, v in backbone.items() if k.split(".")[0] in stages}  # fc and heads dropped
     arch, small_stem = find_arch(backbone, obj.get("arch"), path)
     fc = sd.get(f"{p}fc.weight")
-    what = (f"a {layout} file without {missing}" if layout else
-            f"a linear-evaluation file (a ResNet with a {fc.shape[0]}-class fc, dropped)" if fc is not None else
-            "a ResNet backbone without heads")
+    what = what or (f"a linear-evaluation file (a ResNet with a {fc.shape[0]}-class fc, dropped)" if fc is not None
+                    else "a ResNet backbone without heads")
     meta = dict(format="fastmoco-backbone-v1", arch=arch, small_stem=small_stem, image_size=224,
                 source=dict(file=path.name, layout="backbone"))
     if layout:
@@ -271,12 +272,14 @@ def convert(obj: dict, path: Path, steps_per_epoch: Optional[int]) -> tuple:
     arch, small_stem = find_arch(backbone, obj.get("arch"), path)
     want = expected(method, arch, small_stem)
     bad = [n for n in names if tuple(sd[names[n]].shape) != want.get(n, ())]
-    if bad:
-        fail(f"{path}: {names[bad[0]]} (and {len(bad) - 1} more) does not fit fastmoco.heads('{method}') of a {arch}: "
-             f"shape {tuple(sd[names[bad[0]]].shape)}, expected {want.get(bad[0], 'no such tensor')}")
+    if bad:  # e.g. official MoCo v2 on a ResNet-18 has a 512-wide MLP, fastmoco.heads a 2048-wide one
+        return backbone_only(sd, obj, path, layout, f"a {layout} file whose {names[bad[0]]} (and {len(bad) - 1} more) "
+                             f"has shape {tuple(sd[names[bad[0]]].shape)}, where fastmoco.heads('{method}') of a {arch} "
+                             f"has {want.get(bad[0], 'no such tensor')}")
     missing = sorted(set(want) - set(names)) + [q for q in ("queue", "queue_ptr") if queued and q not in sd]
     if missing:
-        return backbone_only(sd, obj, path, layout, f"{missing[0]} (and {len(missing) - 1} more)")
+        return backbone_only(sd, obj, path, layout, f"a {layout} file without {missing[0]} (and {len(missing) - 1} "
+                             "more)")
 
     tensors = {n: sd[o] for n, o in names.items()}
     args = dict(method=method, arch=arch, image_size=224, small_stem=True if small_stem else None,
