@@ -10,10 +10,12 @@ import subprocess
 import sys
 
 import pytest
+import timm
 import torch
 import torch.nn as nn
 import torchvision
 import yaml
+from PIL import Image
 from safetensors.torch import load_file
 
 import fastmoco as fm
@@ -349,3 +351,128 @@ def test_partial_files_import_their_backbone(tmp_path, capsys):
     note = capsys.readouterr().out
     assert "encoder_q.fc.0.weight" in note and "(512, 512)" in note and "backbone only" in note
     torch.testing.assert_close(features(fm.load_backbone(out)[0], x), features(pooled(online), x), rtol=0, atol=0)
+
+
+# ----------------------------------------------------------------------------- export
+
+def own_checkpoint(path, arch, small_stem=False):
+    """A pretrain.py-style checkpoint (backbone and metadata) of a randomly initialised backbone."""
+    net = fm.resnet(arch, small_stem)
+    randomise_bn(net)
+    fm.save_checkpoint(path, {f"backbone.{k}": v for k, v in net.state_dict().items()},
+                       dict(format="fastmoco-pretrain-v1", method="fastmoco", arch=arch, small_stem=small_stem,
+                            image_size=224, args=dict(data="ILSVRC/imagenet-1k", method="fastmoco", arch=arch),
+                            recipe=dict(lr=0.05, batch_size=512), step=250200, epoch=100.0))
+    return net
+
+
+def front_matter(readme: str) -> dict:
+    _, head, body = readme.split("---\n", 2)
+    return yaml.safe_load(head) | {"body": body}
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_export_loads_strictly_in_timm(tmp_path, arch):
+    torch.manual_seed(0)
+    net = own_checkpoint(tmp_path / "ckpt.safetensors", arch)
+    (tmp_path / "results.json").write_text(json.dumps(dict(top1=12.345, top5=40.0, epochs=90, train_images=48,
+                                                           classes=8, val_split="test", arch=arch)))
+    out = tmp_path / "hub"
+    call(export, tmp_path / "ckpt.safetensors", out, results=[tmp_path / "results.json"], license="mit",
+         push_to_hub=None)
+    x = torch.randn(2, 3, 64, 64)
+    ref = features(net, x)
+    written = load_file(out / "model.safetensors")
+    # timm's documented file override (it loads non-strictly when num_classes differs from its default cfg's, so the
+    # strictness is checked here: the same names, every value equal) and the local-dir: source (strict)
+    by_file = timm.create_model(arch, pretrained=True, num_classes=0,
+                                pretrained_cfg_overlay=dict(file=str(out / "model.safetensors")))
+    by_dir = timm.create_model(f"local-dir:{out}", pretrained=True)
+    for model in (by_file, by_dir):
+        sd = model.state_dict()
+        assert sd.keys() == written.keys() and all(torch.equal(sd[k], v) for k, v in written.items())
+        torch.testing.assert_close(features(model, x), ref, rtol=0, atol=1e-5)
+    data = timm.data.resolve_data_config({}, model=by_dir)  # what a timm user builds the eval transform from
+    assert by_dir.num_classes == 0 and tuple(data["input_size"]) == (3, 224, 224) and data["crop_pct"] == 0.875
+    assert data["interpolation"] == "bilinear" and tuple(data["mean"]) == (0.485, 0.456, 0.406)
+    assert timm.data.create_transform(**data)(Image.new("RGB", (300, 260))).shape == (3, 224, 224)
+
+    config = json.loads((out / "config.json").read_text())
+    assert (config["architecture"], config["num_classes"], config["num_features"], config["global_pool"]) == (
+        arch, 0, net.dim, "avg")
+    assert config["pretrained_cfg"]["input_size"] == [3, 224, 224] and config["pretrained_cfg"]["crop_pct"] == 0.875
+    card = front_matter((out / "README.md").read_text())
+    assert card["library_name"] == "timm" and card["license"] == "mit" and card["datasets"] == ["ILSVRC/imagenet-1k"]
+    assert {"timm", "fastmoco", "self-supervised-learning"} <= set(card["tags"])
+    assert "Fast-MoCo" in card["body"] and "**Pretraining epochs:** 100" in card["body"] and "12.35" in card["body"]
+    assert "`lr`: 0.05" in card["body"]
+
+
+def test_export_key_names_are_timms_for_every_arch():
+    """timm's ResNet state dict has torchvision's names and shapes (minus fc) for every architecture of fastmoco.py."""
+    with torch.device("meta"):
+        for arch in fm.ARCHS:
+            ours = {k: v.shape for k, v in fm.resnet(arch).state_dict().items()}
+            assert ours == {k: v.shape for k, v in timm.create_model(arch, num_classes=0).state_dict().items()}, arch
+
+
+def test_export_refusals_and_upload(tmp_path, monkeypatch, capsys):
+    own_checkpoint(tmp_path / "small.safetensors", "resnet18", small_stem=True)
+    own_checkpoint(tmp_path / "ckpt.safetensors", "resnet18")
+    out = tmp_path / "hub"
+
+    def refused(ckpt="ckpt.safetensors", **kw):
+        with pytest.raises(SystemExit) as e:
+            call(export, tmp_path / ckpt, kw.pop("output", out), **dict(dict(results=None, license=None,
+                                                                             push_to_hub=None), **kw))
+        assert str(e.value).startswith("error: ") and "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "small stem" in refused("small.safetensors") and not out.exists()
+    (tmp_path / "r50.json").write_text(json.dumps(dict(top1=1.0, arch="resnet50")))
+    assert "not this resnet18" in refused(results=[tmp_path / "r50.json"]) and not out.exists()
+    assert "user/name" in refused(push_to_hub="no-slash") and not out.exists()
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "notes.txt").write_text("mine")
+    assert "not an earlier export" in refused(output=tmp_path / "taken")
+
+    # offline: the folder is written, the upload fails with one line that says how to upload it later
+    from huggingface_hub import constants
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    assert "hf upload me/r18" in refused(push_to_hub="me/r18") and (out / "model.safetensors").is_file()
+    assert front_matter((out / "README.md").read_text())["license"] == "unknown"
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+
+    calls = []
+
+    class Api:  # stands in for huggingface_hub.HfApi: no network in tests
+        def create_repo(self, repo, exist_ok):
+            calls.append(("create_repo", repo, exist_ok))
+
+        def upload_folder(self, repo_id, folder_path, commit_message):
+            calls.append(("upload_folder", repo_id, sorted(os.listdir(folder_path))))
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Api)
+    call(export, tmp_path / "ckpt.safetensors", out, results=None, license="apache-2.0", push_to_hub="me/r18")
+    assert calls == [("create_repo", "me/r18", True), ("upload_folder", "me/r18",
+                                                        ["README.md", "config.json", "model.safetensors"])]
+    assert "uploaded" in capsys.readouterr().out  # and the earlier export in `out` was replaced by this one
+    assert front_matter((out / "README.md").read_text())["license"] == "apache-2.0"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".hub")) == []  # no temporary folders left
+
+    class Down(Api):
+        def create_repo(self, repo, exist_ok):
+            raise ConnectionError("[Errno -2] Name or service not known\nmore detail")
+
+    monkeypatch.setattr("huggingface_hub.HfApi", Down)
+    assert "cannot upload to me/r18 (ConnectionError" in refused(push_to_hub="me/r18")
+
+
+def test_export_an_imported_file(tmp_path):
+    """An imported MoCo file carries its source into the card: the repository, the md5 and the weights' licence."""
+    official_file(tmp_path / "moco.pth.tar", "mocov1", "resnet18")
+    call(iw, tmp_path / "moco.pth.tar", tmp_path / "moco.safetensors", steps_per_epoch=None)
+    call(export, tmp_path / "moco.safetensors", tmp_path / "hub", results=None, license=None, push_to_hub=None)
+    card = front_matter((tmp_path / "hub" / "README.md").read_text())
+    assert card["license"] == "cc-by-nc-4.0" and card["datasets"] == ["ILSVRC/imagenet-1k"]
+    assert "facebookresearch/moco" in card["body"] and "md5" in card["body"] and "MoCo (He et al." in card["body"]

@@ -1,7 +1,7 @@
 """Export a checkpoint's backbone as a timm model folder (the layout timm's push_to_hf_hub writes), optionally uploaded
 to the Hugging Face Hub.
 
-    python transfer/export_timm.py runs/pretrain/ckpt.safetensors runs/hub/fastmoco-r50 --results runs/linear/results.json
+    python transfer/export_timm.py runs/pretrain/ckpt.safetensors runs/hub/r50 --results runs/linear/results.json
     python transfer/export_timm.py runs/official/fastmoco-e100.safetensors runs/hub/e100 --push-to-hub me/fastmoco-r50
 
 The folder holds model.safetensors (the online backbone; timm's ResNet uses torchvision's key names, so the tensors are

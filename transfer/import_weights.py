@@ -273,9 +273,10 @@ def convert(obj: dict, path: Path, steps_per_epoch: Optional[int]) -> tuple:
     want = expected(method, arch, small_stem)
     bad = [n for n in names if tuple(sd[names[n]].shape) != want.get(n, ())]
     if bad:  # e.g. official MoCo v2 on a ResNet-18 has a 512-wide MLP, fastmoco.heads a 2048-wide one
-        return backbone_only(sd, obj, path, layout, f"a {layout} file whose {names[bad[0]]} (and {len(bad) - 1} more) "
-                             f"has shape {tuple(sd[names[bad[0]]].shape)}, where fastmoco.heads('{method}') of a {arch} "
-                             f"has {want.get(bad[0], 'no such tensor')}")
+        first = names[bad[0]]
+        return backbone_only(sd, obj, path, layout, f"a {layout} file whose {first} (and {len(bad) - 1} more) has "
+                             f"shape {tuple(sd[first].shape)}, where fastmoco.heads('{method}') of a {arch} has "
+                             f"{want.get(bad[0], 'no such tensor')}")
     missing = sorted(set(want) - set(names)) + [q for q in ("queue", "queue_ptr") if queued and q not in sd]
     if missing:
         return backbone_only(sd, obj, path, layout, f"a {layout} file without {missing[0]} (and {len(missing) - 1} "
