@@ -23,7 +23,7 @@ import runs
 import transfer.convert as convert
 import transfer.export_timm as export
 import transfer.import_weights as iw
-from conftest import ROOT, call
+from conftest import ROOT, call, stage
 
 ONLINE = getattr(fm, "OnlineEncoder", None) or getattr(fm, "MoCo")  # (being renamed to OnlineEncoder)
 
@@ -469,10 +469,12 @@ def test_export_refusals_and_upload(tmp_path, monkeypatch, capsys):
 
 
 def test_export_an_imported_file(tmp_path):
-    """An imported MoCo file carries its source into the card: the repository, the md5 and the weights' licence."""
+    """The two command lines: an imported MoCo file carries its source into the card (the repository, the md5, the
+    weights' licence)."""
     official_file(tmp_path / "moco.pth.tar", "mocov1", "resnet18")
-    call(iw, tmp_path / "moco.pth.tar", tmp_path / "moco.safetensors", steps_per_epoch=None)
-    call(export, tmp_path / "moco.safetensors", tmp_path / "hub", results=None, license=None, push_to_hub=None)
+    p = stage("transfer/import_weights.py", tmp_path / "moco.pth.tar", tmp_path / "moco.safetensors")
+    assert "mocov1 resnet18" in p.stdout and "momentum buffers" in p.stdout
+    stage("transfer/export_timm.py", tmp_path / "moco.safetensors", tmp_path / "hub")
     card = front_matter((tmp_path / "hub" / "README.md").read_text())
     assert card["license"] == "cc-by-nc-4.0" and card["datasets"] == ["ILSVRC/imagenet-1k"]
     assert "facebookresearch/moco" in card["body"] and "md5" in card["body"] and "MoCo (He et al." in card["body"]
