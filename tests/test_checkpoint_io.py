@@ -323,7 +323,7 @@ def test_partial_files_import_their_backbone(tmp_path, capsys):
     out = tmp_path / "linear.safetensors"
     call(iw, tmp_path / "linear-100ep.pth.tar", out, steps_per_epoch=None)
     note = capsys.readouterr().out
-    assert "linear-evaluation file" in note and "1000-class" in note and "--resume" in note
+    assert "linear-evaluation or supervised file" in note and "1000-class" in note and "--resume" in note
     backbone, meta = fm.load_backbone(out)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(features(backbone, x), features(pooled(tv), x), rtol=0, atol=0)

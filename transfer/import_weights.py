@@ -166,7 +166,7 @@ def find_arch(backbone: dict, hint, path: Path) -> tuple:
     """(arch, small_stem) whose torchvision state dict (without fc) has exactly these names and shapes."""
     small_stem = backbone["conv1.weight"].shape[-1] == 3  # torchvision's stem is 7x7
     have = {k: tuple(v.shape) for k, v in backbone.items()}
-    for arch in dict.fromkeys([hint, *fm.ARCHS]):  # the file's `arch` field first, when it names one of ours
+    for arch in dict.fromkeys([str(hint), *fm.ARCHS]):  # the file's `arch` field first, when it names one of ours
         if arch in fm.ARCHS:
             with torch.device("meta"):
                 ref = fm.resnet(arch, small_stem).state_dict()
@@ -241,8 +241,8 @@ def backbone_only(sd: dict, obj: dict, path: Path, layout: Optional[str] = None,
     backbone = {k: v for k, v in backbone.items() if k.split(".")[0] in stages}  # fc and heads dropped
     arch, small_stem = find_arch(backbone, obj.get("arch"), path)
     fc = sd.get(f"{p}fc.weight")
-    what = what or (f"a linear-evaluation file (a ResNet with a {fc.shape[0]}-class fc, dropped)" if fc is not None
-                    else "a ResNet backbone without heads")
+    what = what or (f"a linear-evaluation or supervised file (a ResNet with a {fc.shape[0]}-class fc, dropped)"
+                    if fc is not None else "a ResNet backbone without heads")
     meta = dict(format="fastmoco-backbone-v1", arch=arch, small_stem=small_stem, image_size=224,
                 source=dict(file=path.name, layout="backbone"))
     if layout:
@@ -297,7 +297,9 @@ def convert(obj: dict, path: Path, steps_per_epoch: Optional[int]) -> tuple:
     tensors["rng.torch"] = torch.Generator().manual_seed(0).get_state()  # the file has none: a fresh, fixed state
 
     spe = steps_per_epoch or spe
-    step = int(obj.get("last_iter", 0)) if layout == "fastmoco" else int(obj.get("epoch", 0)) * spe
+    count = obj.get("last_iter" if layout == "fastmoco" else "epoch", 0)
+    count = int(count) if isinstance(count, (int, float)) or torch.is_tensor(count) and count.numel() == 1 else 0
+    step = count if layout == "fastmoco" else count * spe
     epoch = step / spe
     meta = dict(format="fastmoco-pretrain-v1", method=method, arch=arch, small_stem=small_stem, image_size=224,
                 args=args, recipe=dict(source=f"the official {repo} recipe", batch_size=batch, epochs=round(epoch)),
