@@ -130,8 +130,8 @@ def check_same_run(point, args: dict):
         return
     path, _, meta = point
     if meta.get("format") != "fastmoco-pretrain-v1":  # e.g. a backbone-only import (transfer/import_weights.py)
-        fail(f"{path} is not a pretraining checkpoint (format {meta.get('format')}): --resume needs one written by "
-             "pretrain.py, or imported from a full published pretraining file")
+        raise ValueError(f"{path} is not a pretraining checkpoint (format {meta.get('format')}): --resume needs one "
+                         "written by pretrain.py, or imported from a full published pretraining file")
     saved = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     if (meta.get("method"), meta.get("arch")) != (args["method"], args["arch"]):
         raise ValueError(f"{path} is a {meta.get('method')}/{meta.get('arch')} checkpoint; this run is "

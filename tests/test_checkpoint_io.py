@@ -25,7 +25,7 @@ import transfer.export_timm as export
 import transfer.import_weights as iw
 from conftest import ROOT, call, stage
 
-ONLINE = getattr(fm, "OnlineEncoder", None) or getattr(fm, "MoCo")  # (being renamed to OnlineEncoder)
+ONLINE = fm.OnlineEncoder
 
 
 # ----------------------------------------------------------------------------- the official models, restated
@@ -216,6 +216,7 @@ def test_import_each_layout(tmp_path, layout, arch, capsys):
         assert tensors["scaler.scale"].item() == 1024.0 and tensors["scaler._growth_tracker"].item() == 5
 
 
+@pytest.mark.slow
 def test_resume_continues_from_imported_files(labelled, tmp_path):
     """pretrain.py --resume accepts an imported Fast-MoCo and MoCo v1 file (queue, SGD momentum) unchanged and trains
     on from its step."""
@@ -331,7 +332,7 @@ def test_partial_files_import_their_backbone(tmp_path, capsys):
     call(convert, out, tmp_path / "d2.pkl", arch=None)
     assert (tmp_path / "d2.pkl").is_file()
     point = runs.resume_point(tmp_path, out)
-    with pytest.raises(SystemExit, match="not a pretraining checkpoint"):
+    with pytest.raises(ValueError, match="not a pretraining checkpoint"):
         runs.check_same_run(point, dict(method="mocov2", arch="resnet18"))
 
     m, online, *_ = official("mocov1", "resnet18")
@@ -468,6 +469,7 @@ def test_export_refusals_and_upload(tmp_path, monkeypatch, capsys):
     assert "cannot upload to me/r18 (ConnectionError" in refused(push_to_hub="me/r18")
 
 
+@pytest.mark.slow
 def test_export_an_imported_file(tmp_path):
     """The two command lines: an imported MoCo file carries its source into the card (the repository, the md5, the
     weights' licence)."""

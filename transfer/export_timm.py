@@ -1,8 +1,8 @@
 """Export a checkpoint's backbone as a timm model folder (the layout timm's push_to_hf_hub writes), optionally uploaded
 to the Hugging Face Hub.
 
-    python transfer/export_timm.py runs/pretrain/ckpt.safetensors runs/hub/r50 --results runs/linear/results.json
-    python transfer/export_timm.py runs/official/fastmoco-e100.safetensors runs/hub/e100 --push-to-hub me/fastmoco-r50
+    python -m transfer.export_timm runs/pretrain/ckpt.safetensors runs/hub/r50 --results runs/linear/results.json
+    python -m transfer.export_timm runs/official/fastmoco-e100.safetensors runs/hub/e100 --push-to-hub me/fastmoco-r50
 
 The folder holds model.safetensors (the online backbone; timm's ResNet uses torchvision's key names, so the tensors are
 written unchanged), config.json (architecture, num_classes 0, num_features, global_pool, pretrained_cfg with this
@@ -15,7 +15,6 @@ model that silently differs from the one trained.
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -23,10 +22,14 @@ from typing import Annotated, List, Optional
 import typer
 from safetensors.torch import save_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastmoco.py and data.py live one level up
 
-import fastmoco as fm  # noqa: E402
-from data import MEAN, STD, fail  # noqa: E402
+import fastmoco as fm
+from data import MEAN, STD
+
+def fail(msg):
+    """A one-line, user-facing error: exits with status 1, no traceback."""
+    raise SystemExit(f"error: {msg}")
+
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 

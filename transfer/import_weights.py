@@ -1,7 +1,7 @@
 """Import a published MoCo v1 / v2 / v3 or Fast-MoCo checkpoint (a torch.save pickle, .pth.tar) as a checkpoint of this
 project (safetensors), which linear_probe.py, semisup.py, transfer/convert.py and pretrain.py --resume read unchanged.
 
-    python transfer/import_weights.py fastmoco_e100.pth.tar runs/official/fastmoco-e100.safetensors
+    python -m transfer.import_weights fastmoco_e100.pth.tar runs/official/fastmoco-e100.safetensors
     python linear_probe.py runs/official/fastmoco-e100.safetensors --data /data/imagenet-1k
 
 Safety: the file is read with torch.load(weights_only=True) on the CPU and with nothing else, so only tensors and plain
@@ -13,17 +13,19 @@ layout is detected from the key names; docs/checkpoints-io.md lists the layouts 
 import hashlib
 import pickle
 import re
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
 import typer
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # fastmoco.py and data.py live one level up
 
-import fastmoco as fm  # noqa: E402
-from data import fail  # noqa: E402
+import fastmoco as fm
+
+def fail(msg):
+    """A one-line, user-facing error: exits with status 1, no traceback."""
+    raise SystemExit(f"error: {msg}")
+
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
