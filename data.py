@@ -49,6 +49,13 @@ def augmentations(name: str, size: int):
     kernel = 2 * round(0.05 * size) + 1  # 23 at 224 px, as in BYOL / MoCo v3
     blur = lambda p: v2.RandomApply([SeparableBlur(kernel, sigma=(0.1, 2.0))], p=p)  # noqa: E731
     tail = [v2.RandomHorizontalFlip(), v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(MEAN, STD)]
+    if name.startswith("small"):  # --recipe small (solo-learn, lightly): crops of 8-100%, no blur at 32-96 px
+        base = [v2.RandomResizedCrop(size, scale=(0.08, 1.0)),
+                v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.2 if name == "small-asymmetric" else 0.4, 0.1)], p=0.8),
+                v2.RandomGrayscale(0.2)]
+        if name == "small-asymmetric":  # solo-learn's "asymmetric" CIFAR views: solarize view 2 only
+            return v2.Compose(base + tail), v2.Compose(base + [v2.RandomSolarize(128, p=0.2)] + tail)
+        return (v2.Compose(base + tail),) * 2
     if name == "mocov1":
         t = v2.Compose([v2.RandomResizedCrop(size, scale=(0.2, 1.0)), v2.RandomGrayscale(0.2),
                         v2.ColorJitter(0.4, 0.4, 0.4, 0.4)] + tail)

@@ -67,6 +67,20 @@ RECIPES = {
                    warmup_from=0.0, momentum=0.999, cosine_momentum=False, tau=0.07, clip_grad=0.0,
                    fix_predictor_lr=False, milestones=(0.6, 0.8), aug="mocov1", sync_bn=False),  # 120/160 of 200
 }
+# Small data (32-96 px, up to ~100k images: CIFAR-10/100, STL-10, Imagenette at low resolution), `--recipe small`.
+# lightly's CIFAR-10 benchmark trains every method with one recipe: SGD lr 0.06 x B/128 (0.12 per 256), wd 5e-4,
+# cosine, no warm-up, no blur, queue 4096, m 0.99, tau 0.1; solo-learn's CIFAR configs add the CIFAR stem (3x3
+# stride 1, no max-pool), crops of 8-100% and MoCo v3's tau 0.2 / m 0.99 -> 1. Fast-MoCo's tau and lr were chosen by
+# a sweep (docs/small-data.md). MoCo v1 follows MoCo's own CIFAR demo (lr 0.06 at batch 512).
+SMALL = dict(epochs=200, batch_size=256, image_size=32, small_stem=True, lr=0.12, weight_decay=5e-4, optimizer="sgd",
+             warmup_epochs=0, warmup_from=0.0, momentum=0.99, cosine_momentum=False, tau=0.1, clip_grad=0.0,
+             fix_predictor_lr=False, milestones=(), aug="small", sync_bn=True, queue_size=4096)
+SMALL_RECIPES = {
+    "fastmoco": dict(SMALL, lr=0.5, tau=0.2, clip_grad=1.0, fix_predictor_lr=True),
+    "mocov3": dict(SMALL, tau=0.2, cosine_momentum=True, aug="small-asymmetric"),
+    "mocov2": dict(SMALL, sync_bn=False),
+    "mocov1": dict(SMALL, lr=0.03, sync_bn=False),
+}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
          "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
 
@@ -132,7 +146,8 @@ class OnlineEncoder(nn.Module):
         super().__init__()
         self.method, self.grid, self.k = method, grid, k
         self.patches = method == "fastmoco"  # combinatorial patches on the online branch
-        self.backbone = resnet(arch, small_stem)
+        # Official MoCo v1/v2 build torchvision's ResNet as is (zero_init_residual=False); MoCo v3 / Fast-MoCo: True
+        self.backbone = resnet(arch, small_stem, zero_init_residual=method not in ("mocov1", "mocov2"))
         self.projector, self.predictor = self.make_heads(self.backbone.dim)
 
     def make_heads(self, dim: int):
@@ -253,9 +268,10 @@ def shuffle_bn_forward(encoder: nn.Module, x: torch.Tensor, generator: torch.Gen
     statistics of a process's keys come from other images than its queries; return the local keys in the
     original order. generator must give the same permutation on every process (seed it with the step)."""
     rank, ws = world()
-    if ws == 1:  # one process: nothing to shuffle across; BN sees the same batch either way
-        return encoder(x).float()
     b = x.shape[0]
+    if ws == 1:  # one process: the shuffle matters with SplitBatchNorm (MoCo's single-GPU stand-in), not otherwise
+        perm = torch.randperm(b, generator=generator).to(x.device)
+        return encoder(x[perm]).float()[torch.argsort(perm)]
     perm = torch.randperm(b * ws, generator=generator).to(x.device)
     k = gather(encoder(gather(x)[perm[rank * b:(rank + 1) * b]]).float())  # (ws*b, d), shuffled order
     return k[torch.argsort(perm)][rank * b:(rank + 1) * b]
@@ -315,6 +331,43 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 self.running_var.lerp_(var.to(self.running_var.dtype), self.momentum)
                 self.num_batches_tracked += 1
         return y
+
+
+class SplitBatchNorm(nn.BatchNorm2d):
+    """MoCo's one-GPU stand-in for shuffle-BN (its official CIFAR-10 demo: 8 splits): in training, the batch is
+    normalised as `splits` groups (samples i, i + splits, ...) with their own statistics, as if spread over that many
+    GPUs, so with the key batch shuffled (shuffle_bn_forward) a query and its key never share BN statistics. Running
+    statistics: the mean over the groups. Same parameters and buffers as BatchNorm2d (checkpoints load into
+    torchvision)."""
+
+    def __init__(self, num_features, splits=8, **kw):
+        super().__init__(num_features, **kw)
+        self.splits = splits
+
+    def forward(self, x):
+        if not self.training or self.splits == 1:
+            return super().forward(x)
+        N, C, S = x.shape[0], x.shape[1], self.splits
+        mean, var = self.running_mean.repeat(S), self.running_var.repeat(S)  # (S*C,), updated by batch_norm
+        y = F.batch_norm(x.reshape(N // S, S * C, *x.shape[2:]), mean, var, self.weight.repeat(S),
+                         self.bias.repeat(S), True, self.momentum, self.eps)  # row a, block b: sample a*S + b
+        with torch.no_grad():
+            self.running_mean.copy_(mean.view(S, C).mean(0))
+            self.running_var.copy_(var.view(S, C).mean(0))
+            self.num_batches_tracked += 1
+        return y.reshape(x.shape)
+
+
+def split_bn(module: nn.Module, splits: int) -> nn.Module:
+    """Replace every BatchNorm2d of `module` by SplitBatchNorm(splits), keeping its parameters and buffers."""
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            bn = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+            bn.load_state_dict(child.state_dict())
+            setattr(module, name, bn)
+        else:
+            split_bn(child, splits)
+    return module
 
 
 def convert_sync_bn(module: nn.Module) -> nn.Module:

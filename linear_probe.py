@@ -29,6 +29,35 @@ from data import load_split, num_classes, probe_transforms, sample_seed, with_la
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
 
+# The paper's protocol (SimSiam / Fast-MoCo: LARS, lr 0.8 at batch 4096, 90 epochs), and one for small data: a
+# classifier on BN-normalised features (BatchNorm without affine, as MAE's linear probe; folded into fc when saved),
+# SGD, which converges in the tens of epochs a small data set gets. lr per 256 images.
+RECIPES = dict(imagenet=dict(batch_size=4096, epochs=90, lr=0.05, optimizer="lars", normalize=False),
+               small=dict(batch_size=256, epochs=30, lr=0.1, optimizer="sgd", normalize=True))
+Recipe = Enum("Recipe", {r: r for r in RECIPES}, type=str)
+
+
+def classifier(dim: int, classes: int, normalize: bool) -> nn.Module:
+    """The linear classifier: fc (N(0, 0.01) init, as MoCo / SimSiam's lincls), after a BatchNorm1d without affine
+    for the small recipe (still linear: folded into fc by linear_weights)."""
+    fc = nn.Linear(dim, classes)
+    nn.init.normal_(fc.weight, std=0.01)
+    nn.init.zeros_(fc.bias)
+    return nn.Sequential(nn.BatchNorm1d(dim, affine=False), fc) if normalize else nn.Sequential(fc)
+
+
+def linear_weights(clf: nn.Module) -> dict:
+    """{fc.weight, fc.bias} of the whole classifier, the BN (eval mode: running statistics) folded into fc, so the
+    backbone + fc load into a torchvision ResNet: W x' + b with x' = (x - mu) / s is (W / s) x + (b - W mu / s)."""
+    fc = clf[-1]
+    w, b = fc.weight.detach().clone(), fc.bias.detach().clone()
+    if len(clf) == 2:
+        bn = clf[0]
+        s = (bn.running_var + bn.eps).sqrt()
+        w, b = w / s, b - (w / s) @ bn.running_mean
+    return {"fc.weight": w, "fc.bias": b}
+
+
 class Precision(str, Enum):
     no = "no"
     bf16 = "bf16"
@@ -132,10 +161,14 @@ def main(
     image_size: Annotated[Optional[int], typer.Option(
         help="Crop size. Default: the checkpoint's pretraining size, else 224 (test: Resize 256, CenterCrop 224).")
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Global batch. Paper: 4096.")] = 4096,
-    epochs: Annotated[int, typer.Option(help="Paper: 90.")] = 90,
-    lr: Annotated[float, typer.Option(
-        help="LARS lr per 256 images (used: lr x batch/256), cosine to 0. Paper: 0.05 (= 0.8 at batch 4096).")] = 0.05,
+    recipe: Annotated[Optional[Recipe], typer.Option(
+        help="imagenet: the paper's protocol. small: SGD on BN-normalised features, for 32-96 px data sets. "
+             "Default: the checkpoint's pretraining recipe, else imagenet.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Global batch. Paper: 4096; small 256.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Paper: 90; small 30.")] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="lr per 256 images (used: lr x batch/256), cosine to 0. Paper: LARS 0.05 (= 0.8 at batch 4096); "
+             "small: SGD 0.1.")] = None,
     weight_decay: Annotated[float, typer.Option(help="Paper: 0.")] = 0.0,
     cached_features: Annotated[bool, typer.Option(
         help="Encode each image once without augmentation and train on the cached features (fast; not the paper's "
@@ -164,6 +197,9 @@ def main(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     image_size = image_size or meta.get("image_size") or 224
+    saved = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    r = RECIPES[recipe.value if recipe else saved.get("recipe", "imagenet")]
+    batch_size, epochs, lr = batch_size or r["batch_size"], epochs or r["epochs"], lr or r["lr"]
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
@@ -183,11 +219,10 @@ def main(
     torch.manual_seed(seed)
     backbone.requires_grad_(False).eval().to(acc.device)
     reference = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    fc = nn.Linear(backbone.dim, classes)
-    nn.init.normal_(fc.weight, std=0.01)  # as MoCo / SimSiam's lincls
-    nn.init.zeros_(fc.bias)
+    fc = classifier(backbone.dim, classes, r["normalize"])
     base_lr = lr * B / 256
-    optimizer = fm.LARS(fc.parameters(), lr=base_lr, weight_decay=weight_decay)  # SimSiam: LARS, trust 0.001
+    optimizer = (fm.LARS(fc.parameters(), lr=base_lr, weight_decay=weight_decay) if r["optimizer"] == "lars" else
+                 torch.optim.SGD(fc.parameters(), lr=base_lr, momentum=0.9, weight_decay=weight_decay))
     fc, optimizer = acc.prepare(fc.to(acc.device), optimizer)
     train_tf, test_tf = probe_transforms(image_size)
 
@@ -234,7 +269,9 @@ def main(
                 optimizer.step()
                 step += 1
                 progress.update(task, completed=step)
-            top1, top5 = accuracy(acc.unwrap_model(fc)(val_f), val_y)
+            clf = acc.unwrap_model(fc).eval()
+            top1, top5 = accuracy(clf(val_f), val_y)
+            clf.train()
             history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
             progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
             if log:
@@ -250,13 +287,13 @@ def main(
                    best_top5=best["top5"], best_epoch=best["epoch"], epochs=epochs, train_images=n,
                    val_images=len(val_y), val_split=val_name, classes=classes, arch=meta["arch"],
                    small_stem=meta["small_stem"], image_size=image_size, cached_features=cached_features,
-                   checkpoint=str(ckpt), method=meta.get("method"), world_size=world)
+                   checkpoint=str(ckpt), method=meta.get("method"), world_size=world,
+                   recipe=recipe.value if recipe else saved.get("recipe", "imagenet"), lr=lr, batch_size=batch_size)
     if knn:
         results.update(knn_top1=knn_top1, knn_k=knn_k, knn_t=knn_t)
     if acc.is_main_process:
         log.close()
-        fc_state = acc.unwrap_model(fc).state_dict()
-        fm.save_checkpoint(output_dir / "linear.safetensors", {f"fc.{k}": v for k, v in fc_state.items()},
+        fm.save_checkpoint(output_dir / "linear.safetensors", linear_weights(acc.unwrap_model(fc)),
                            dict(format="fastmoco-linear-v1", args=args, results=results))
         (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1") + (("knn_top1",) if knn else ())}))

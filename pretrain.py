@@ -27,11 +27,13 @@ import variants as vr
 from data import augmentations, loader_for, pretrain_data, sample_seed, small_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
-RECIPES = {**fm.RECIPES, **vr.RECIPES}  # each method's published recipe
+# Each method's published (ImageNet) recipe, and the small-data one (32-96 px datasets, --recipe small)
+RECIPES = dict(imagenet={**fm.RECIPES, **vr.RECIPES}, small={**fm.SMALL_RECIPES, **vr.SMALL_RECIPES})
 
 
 Precision = Enum("Precision", {p: p for p in ("no", "bf16", "fp16")}, type=str)
-Method = Enum("Method", {m: m for m in RECIPES}, type=str)
+Method = Enum("Method", {m: m for m in RECIPES["imagenet"]}, type=str)
+Recipe = Enum("Recipe", {r: r for r in RECIPES}, type=str)
 Pipeline = Enum("Pipeline", {p: p for p in vr.PIPELINES}, type=str)  # Table 4a, in the paper's words
 Combine = Enum("Combine", {c: c for c in vr.COMBINES}, type=str)
 
@@ -73,7 +75,8 @@ def step_loss(model, target, views, queue, step, *, method, variant, tau, patche
 
 def schedules(step, total, per_epoch, base_lr, r) -> tuple:
     """(lr, EMA momentum) of `step` under recipe r: warmup epochs, milestones as fractions of the run."""
-    lr = fm.lr_at(step, total, base_lr, r["warmup_epochs"] * per_epoch, r["warmup_from"],
+    warmup = min(r["warmup_epochs"] * per_epoch, total // 10)  # never more than a tenth of the run
+    lr = fm.lr_at(step, total, base_lr, warmup, r["warmup_from"],
                   [round(f * total) for f in r["milestones"]])
     return lr, fm.momentum_at(step, total, r["momentum"], r["cosine_momentum"])
 
@@ -164,10 +167,16 @@ def main(
                 ] = "ILSVRC/imagenet-1k",
     method: Annotated[Method, typer.Option(help="Fast-MoCo (ECCV 2022), MoCo v3, v2, v1, or (Fast-MoCo App. C.1) "
                                                 "BYOL, SimSiam, NNCLR.")] = Method.fastmoco,
+    recipe: Annotated[Recipe, typer.Option(
+        help="imagenet: the papers' recipes. small: for 32-96 px datasets of up to ~100k images (CIFAR, STL-10): "
+             "lightly's / solo-learn's CIFAR recipes, CIFAR stem, 32 px, batch 256, 200 epochs (README).")
+    ] = Recipe.imagenet,
     arch: Annotated[str, typer.Option(help=f"torchvision ResNet: {', '.join(fm.ARCHS)}.")] = "resnet50",
-    image_size: Annotated[int, typer.Option(help="Crop size of the augmented views.")] = 224,
+    image_size: Annotated[Optional[int], typer.Option(
+        help="Crop size of the augmented views. Recipe: 224, small 32.")] = None,
     small_stem: Annotated[Optional[bool], typer.Option(
-        help="3x3 stride-1 conv1, no max-pool (CIFAR-style). Default: on when --image-size <= 64.")] = None,
+        help="3x3 stride-1 conv1, no max-pool (CIFAR-style). Default: on for --recipe small or --image-size <= 64.")
+    ] = None,
     grid: Annotated[int, typer.Option(help="Fast-MoCo: divide each view into grid x grid patches.")] = 2,
     combine_k: Annotated[int, typer.Option(
         help="Fast-MoCo: patches per combined embedding, the paper's k (1..grid^2-1).")] = 2,
@@ -194,7 +203,8 @@ def main(
              "nnclr 0.3, v2/v1 0.03.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3/nnclr 1e-6, byol 1.5e-6)")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(
-        help="Linear lr warmup. Recipe: fastmoco 1, mocov3/byol/nnclr 10.")] = None,
+        help="Linear lr warmup (at most a tenth of the run). Recipe: fastmoco 1, mocov3/byol/nnclr 10; small 0.")
+    ] = None,
     momentum: Annotated[Optional[float], typer.Option(
         help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), byol 0.996 -> 1, "
              "v2/v1 0.999; simsiam/nnclr have none.")] = None,
@@ -202,8 +212,13 @@ def main(
         help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07, nnclr 0.1.")] = None,
     clip_grad: Annotated[Optional[float], typer.Option(
         help="Global grad-norm clip, 0 = off. Recipe: fastmoco 1.0.")] = None,
+    bn_splits: Annotated[Optional[int], typer.Option(
+        help="MoCo v1/v2 on one process: normalise the batch in this many groups, with the key batch shuffled, "
+             "MoCo's one-GPU stand-in for shuffle-BN (its CIFAR demo: 8). Default: 8 (fewer if the batch gives a "
+             "group under 8 images) on one process; 1 with several (real shuffle-BN).")] = None,
     queue_size: Annotated[Optional[int], typer.Option(
-        help="MoCo v1/v2: negatives K in the queue (65536); NNCLR: support set size (98304).")] = None,
+        help="MoCo v1/v2: negatives K in the queue (65536, small 4096); NNCLR: support set size (98304, small "
+             "4096). Never more than the dataset.")] = None,
     output_dir: Annotated[Path, typer.Option(help="Checkpoints, log.jsonl and TensorBoard logs go here.")] = Path(
         "runs/pretrain"),
     seed: Annotated[int, typer.Option(help="Seeds the init, the data order and every augmentation.")] = 0,
@@ -234,12 +249,13 @@ def main(
     """Pretrain a ResNet with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
     # 1. the recipe, then every argument checked before any work
-    r = {**RECIPES[method.value], **{n: v for n, v in dict(
+    r = {**RECIPES[recipe.value][method.value], **{n: v for n, v in dict(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         momentum=momentum, tau=tau, clip_grad=clip_grad).items() if v is not None}}
-    small_stem = image_size <= 64 if small_stem is None else small_stem
+    image_size = image_size or r.get("image_size", 224)
+    small_stem = r.get("small_stem", image_size <= 64) if small_stem is None else small_stem
     queued = method.value in ("mocov1", "mocov2", "nnclr")  # a queue: MoCo's negatives or NNCLR's support set
-    queue_size = queue_size or (98304 if method.value == "nnclr" else 65536)
+    queue_size = queue_size or r.get("queue_size") or (98304 if method.value == "nnclr" else 65536)
     patches = method.value == "fastmoco" if patches is None else patches
     variant = vr.is_variant(method.value, patches, pipeline.value, combine.value, combinations, same_view, multi_crop)
     if variant and (msg := vr.check(method.value, patches, grid, combine_k, pipeline.value, combine.value,
@@ -258,6 +274,9 @@ def main(
     with user_errors():
         ds, n, streaming, knn_data = pretrain_data(data, streaming, image_column, B, knn_every)
     per_epoch = n // B
+    if queued and queue_size > per_epoch * B:  # a queue larger than the data would hold each image's own key
+        queue_size = per_epoch * B
+        acc.print(f"--queue-size lowered to {queue_size}, the images of one epoch ({n} in the data set)")
     total = r["epochs"] * per_epoch
     stop = min(total, max_steps) if max_steps else total
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
@@ -267,6 +286,13 @@ def main(
     model = (vr.Encoder(method.value, arch, small_stem, patches, grid, combine_k, pipeline.value, combine.value,
                         combine_lambda, beta_alpha, combinations) if variant else
              fm.OnlineEncoder(method.value, arch, small_stem, grid, combine_k))
+    if bn_splits and method.value not in ("mocov1", "mocov2"):
+        fail(f"--bn-splits emulates MoCo v1/v2's shuffle-BN: --method {method.value} has none (drop --bn-splits)")
+    if method.value in ("mocov1", "mocov2"):
+        bn_splits = bn_splits or (1 if world > 1 else next(s for s in (8, 4, 2, 1) if B % s == 0 and B // s >= 8))
+        if B // world % bn_splits:
+            fail(f"--bn-splits {bn_splits} does not divide the batch of {B // world} per process")
+        fm.split_bn(model.backbone, bn_splits)  # the target is a copy: its BN is split too (MoCo's demo)
     model, target, fmt = on_device(model, r["sync_bn"], channels_last, acc)
     base_lr = r["lr"] * B / 256
     optimizer = fm.make_optimizer(model, r["optimizer"], base_lr, r["weight_decay"], r["fix_predictor_lr"])
@@ -297,9 +323,9 @@ def main(
     log = runs.open_log(output_dir / "log.jsonl", step) if acc.is_main_process else None
     loss_fn = functools.partial(step_loss, method=method.value, variant=variant, tau=r["tau"], patches=patches,
                                 same_view=same_view, seed=seed, rank=acc.process_index)
-    if knn_every and step == 0:
-        runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size)
-    window = runs.Window(acc, step)  # the loss and throughput between two log rows
+    window = runs.Window(acc, step, point[2].get("train_seconds", 0.0) if point else 0.0)  # between two log rows
+    knn = [runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size, window)
+           ] if knn_every and step == 0 else []
     bad = 0  # undecodable images replaced (map-style) or skipped (streaming), this process
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
@@ -332,25 +358,31 @@ def main(
                 with user_errors():
                     bad_all = runs.check_bad_images(acc, bad, max(step * B, n), max_bad_fraction)
                 runs.record(acc, log, step, per_epoch, dict(loss=mean, lr=lr_now, m=m, img_per_s=round(ips, 1),
-                                                            skipped_steps=skipped, bad_images=bad_all))
+                                                            skipped_steps=skipped, bad_images=bad_all,
+                                                            train_seconds=round(window.seconds(), 2)))
                 progress.update(task, info=f"loss {mean:.4f} lr {lr_now:.3g} m {m:.4f} {ips:.0f} img/s")
                 window.reset(step)
             progress.update(task, completed=step)
             if knn_every and step % (knn_every * per_epoch) == 0:
-                window.t += runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size)
+                knn.append(runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
+                                        image_size, window))
             if save_every and step % save_every == 0 and step < stop:
                 save(acc, output_dir / f"ckpt-{step:07d}.safetensors", online, target, optimizer, queue, ptr, cursor,
-                     dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped), keep)
+                     dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped,
+                          train_seconds=window.seconds()), keep)
             if step >= stop:
                 break
 
     # 6. the final checkpoint
     save(acc, output_dir / "ckpt.safetensors", online, target, optimizer, queue, ptr, cursor,
-         dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped), keep)
+         dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped,
+                          train_seconds=window.seconds()), keep)
     acc.end_training()
     if log:
         log.close()
-    acc.print(f"wrote {output_dir / 'ckpt.safetensors'} (step {step}/{total})")
+    acc.print(f"wrote {output_dir / 'ckpt.safetensors'} (step {step}/{total}, {window.seconds() / 60:.1f} min of "
+              "training)" + (f"; kNN top-1 {knn[0]:.1f}% at the start -> {knn[-1]:.1f}% at the end" if len(knn) > 1
+                             else ""))
 
 
 if __name__ == "__main__":

@@ -186,13 +186,18 @@ def restore(target, online, snap: list):
 class Window:
     """The summed loss and the throughput of the steps since the last log row (one host sync per row)."""
 
-    def __init__(self, acc, step):
-        self.acc, self.loss = acc, torch.zeros((), device=acc.device)
+    def __init__(self, acc, step, trained=0.0):
+        self.acc, self.loss, self.trained = acc, torch.zeros((), device=acc.device), trained
         self.reset(step)
 
     def reset(self, step):
+        self.trained = self.seconds()
         self.loss.zero_()
         self.t, self.step, self.skipped = time.perf_counter(), step, 0  # skipped: non-finite steps not in the sum
+
+    def seconds(self) -> float:
+        """Training seconds of the run so far (kNN evaluations excluded: they move `t` forward)."""
+        return self.trained + time.perf_counter() - self.t if hasattr(self, "t") else self.trained
 
     def add(self, loss):
         self.loss += loss.detach()
@@ -230,9 +235,11 @@ def knn_top1(backbone, train, val, column, size, acc, batch=256) -> float:
     return 100.0 * (pred == q_y).float().mean().item()
 
 
-def log_knn(acc, log, step, per_epoch, backbone, knn_data, column, size) -> float:
-    """Log kNN top-1 of the online backbone; returns the seconds it took (not training time)."""
+def log_knn(acc, log, step, per_epoch, backbone, knn_data, column, size, window) -> float:
+    """Log kNN top-1 of the online backbone; its time does not count as training time. Returns top-1."""
     t0 = time.perf_counter()
     top1 = knn_top1(backbone, *knn_data, column, size, acc)
-    record(acc, log, step, per_epoch, dict(knn_top1=top1, knn_seconds=time.perf_counter() - t0))
-    return time.perf_counter() - t0
+    record(acc, log, step, per_epoch, dict(knn_top1=top1, knn_seconds=time.perf_counter() - t0,
+                                           train_seconds=round(window.seconds() - (time.perf_counter() - t0), 2)))
+    window.t += time.perf_counter() - t0
+    return top1

@@ -34,6 +34,11 @@ RECIPES = {
                   warmup_from=0.0, momentum=0.0, cosine_momentum=False, tau=0.1, clip_grad=0.0,
                   fix_predictor_lr=False, milestones=(), aug="mocov3", sync_bn=True),
 }
+SMALL_RECIPES = {  # --recipe small (fastmoco.SMALL: lightly's CIFAR-10 benchmark recipe, used for every method there)
+    "byol": dict(fm.SMALL, tau=1.0, aug="small-asymmetric"),
+    "simsiam": dict(fm.SMALL, tau=1.0, momentum=0.0, fix_predictor_lr=True),
+    "nnclr": dict(fm.SMALL, tau=0.2, momentum=0.0, aug="small-asymmetric"),  # solo-learn's CIFAR NNCLR: tau 0.2
+}
 # Table 4a, in the paper's words. Fast-MoCo is divide-encode-combine.
 PIPELINES = ("divide-encode-combine", "divide-combine-encode", "sample-combine-encode", "sample-encode-combine",
              "encode-only", "montage-encode-divide-combine")

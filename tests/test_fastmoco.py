@@ -672,7 +672,7 @@ def test_shuffle_bn_forward_single_process():
     x = torch.randn(5, 3, 2, 2)
     got = fm.shuffle_bn_forward(enc, x, torch.Generator().manual_seed(0))
     assert got.dtype == torch.float32 and not got.requires_grad
-    torch.testing.assert_close(got, enc(x).detach(), rtol=0, atol=0)
+    torch.testing.assert_close(got, enc(x).detach(), rtol=1e-6, atol=1e-6)  # BN sums in the shuffled order
     assert fm.world() == (0, 1)
     t = torch.randn(3, 2)
     assert torch.equal(fm.gather(t), t)

@@ -1,0 +1,149 @@
+"""--recipe small and what came with it: the small-data recipes, MoCo's one-process shuffle-BN stand-in
+(SplitBatchNorm), the linear probe's normalised classifier, the kNN plot, the recipes' caps on warm-up and queue."""
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fastmoco as fm
+import linear_probe
+import plot
+import pretrain
+import variants as vr
+
+
+def test_every_method_has_a_small_recipe_with_the_imagenet_keys():
+    for method, r in pretrain.RECIPES["imagenet"].items():
+        s = pretrain.RECIPES["small"][method]
+        assert set(r) <= set(s), method
+        assert s["small_stem"] and s["image_size"] == 32 and s["queue_size"] <= 4096 and s["warmup_epochs"] == 0
+        assert s["aug"].startswith("small")
+    assert pretrain.RECIPES["small"]["mocov3"]["tau"] == 0.2 and pretrain.RECIPES["small"]["mocov2"]["tau"] == 0.1
+    assert vr.SMALL_RECIPES["simsiam"]["momentum"] == 0.0  # no momentum encoder, as in the ImageNet recipe
+
+
+def test_small_augmentations_have_no_blur_and_solarize_only_view_2():
+    from data import augmentations
+
+    for name in ("small", "small-asymmetric"):
+        t1, t2 = augmentations(name, 32)
+        names = [[type(t).__name__ for t in v.transforms] for v in (t1, t2)]
+        assert not any("Blur" in n for v in names for n in v) and "RandomResizedCrop" in names[0]
+        assert t1.transforms[0].scale == (0.08, 1.0)
+        assert ("RandomSolarize" in names[1]) == (name == "small-asymmetric") and "RandomSolarize" not in names[0]
+
+
+def test_warmup_never_exceeds_a_tenth_of_the_run():
+    r = dict(pretrain.RECIPES["imagenet"]["mocov3"])  # 10 warm-up epochs
+    lrs = [pretrain.schedules(s, 50, 10, 1.0, r)[0] for s in range(50)]  # a 5-epoch run
+    assert lrs[4] < lrs[5] == max(lrs) and math.isclose(lrs[5], 1.0)  # warm-up of 5 steps, not 100
+
+
+def split_bn_reference(x, bn, splits):
+    """Slow reference: normalise samples i, i + splits, ... as one batch each (biased variance), in a loop."""
+    y = torch.empty_like(x)
+    for g in range(splits):
+        xs = x[g::splits]
+        mean, var = xs.mean((0, 2, 3), keepdim=True), xs.var((0, 2, 3), unbiased=False, keepdim=True)
+        y[g::splits] = (xs - mean) / (var + bn.eps).sqrt() * bn.weight.view(1, -1, 1, 1) + bn.bias.view(1, -1, 1, 1)
+    return y
+
+
+def test_split_batchnorm_against_a_loop():
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 4, 4) * 2 + 1
+    bn = fm.SplitBatchNorm(3, splits=4)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-1, 1)
+    torch.testing.assert_close(bn(x), split_bn_reference(x, bn, 4), rtol=1e-5, atol=1e-5)
+    groups = [x[g::4] for g in range(4)]  # running stats: the mean of the groups' (unbiased variance, momentum 0.1)
+    mean = torch.stack([g.mean((0, 2, 3)) for g in groups]).mean(0)
+    var = torch.stack([g.var((0, 2, 3)) for g in groups]).mean(0)
+    torch.testing.assert_close(bn.running_mean, 0.1 * mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(bn.running_var, 0.9 + 0.1 * var, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(bn(x), nn.functional.batch_norm(x, None, None, bn.weight, bn.bias, True))
+    bn.eval()  # evaluation: plain BN with the running statistics
+    torch.testing.assert_close(bn(x), nn.functional.batch_norm(x, bn.running_mean, bn.running_var, bn.weight,
+                                                                bn.bias, False), rtol=0, atol=0)
+
+
+def test_split_bn_keeps_torchvision_keys_and_one_process_shuffle_changes_the_groups():
+    torch.manual_seed(0)
+    net = fm.resnet("resnet18", small_stem=True)
+    keys = set(net.state_dict())
+    fm.split_bn(net, 4)
+    assert set(net.state_dict()) == keys and isinstance(net.bn1, fm.SplitBatchNorm)
+    x = torch.randn(16, 3, 16, 16)
+    g = torch.Generator().manual_seed(3)
+    got = fm.shuffle_bn_forward(net, x, g)
+    perm = torch.randperm(16, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        want = net(x[perm])[torch.argsort(perm)]  # keys in the original order, BN groups drawn from the shuffle
+        plain = net(x)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, plain, atol=1e-3)  # other images share each key's BN statistics
+
+
+def test_moco_v1_v2_backbones_are_not_zero_initialised():
+    for method, zero in (("mocov1", False), ("mocov2", False), ("mocov3", True), ("fastmoco", True)):
+        torch.manual_seed(0)
+        bn = fm.OnlineEncoder(method, "resnet18", small_stem=True).backbone.layer1[0].bn2
+        assert bool((bn.weight == 0).all()) == zero, method
+
+
+def test_linear_probe_classifier_folds_its_normalisation_into_fc():
+    torch.manual_seed(0)
+    clf = linear_probe.classifier(8, 3, normalize=True)
+    for _ in range(5):  # running statistics of a few batches
+        clf(torch.randn(32, 8) * 3 + 2)
+    clf.eval()
+    sd = linear_probe.linear_weights(clf)
+    f = torch.randn(10, 8) * 3 + 2
+    torch.testing.assert_close(f @ sd["fc.weight"].T + sd["fc.bias"], clf(f), rtol=1e-5, atol=1e-5)
+    plain = linear_probe.classifier(8, 3, normalize=False)
+    assert linear_probe.linear_weights(plain)["fc.weight"].equal(plain[0].weight)
+
+
+def test_plot_groups_seeds_and_draws_both_panels(tmp_path):
+    for name, shift in (("fastmoco-s0", 0), ("fastmoco-s1", 2), ("mocov3-s0", -5)):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [dict(step=10 * e, epoch=e, knn_top1=20 + 5 * e + shift, train_seconds=30.0 * e) for e in range(4)]
+        rows.insert(1, dict(step=5, epoch=0.5, loss=3.0))  # loss rows are ignored
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert plot.label_of(tmp_path / "fastmoco-s1") == "fastmoco" == plot.label_of(tmp_path / "fastmoco-s0/log.jsonl")
+    out = plot.draw({"fastmoco": [tmp_path / "fastmoco-s0", tmp_path / "fastmoco-s1"],
+                     "mocov3": [tmp_path / "mocov3-s0"]}, tmp_path / "knn.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 10_000
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "log.jsonl").write_text(json.dumps(dict(step=1, loss=2.0)) + "\n")
+    with pytest.raises(ValueError, match="--knn-every"):
+        plot.knn_rows(tmp_path / "empty")
+
+
+@pytest.mark.slow
+def test_small_recipe_run_logs_knn_and_training_time_and_says_where_it_went(parquet, tmp_path):
+    from conftest import stage
+
+    out = tmp_path / "run"
+    p = stage("pretrain.py", "--data", parquet, "--recipe", "small", "--method", "mocov2", "--arch", "resnet18",
+              "--batch-size", 16, "--epochs", 2, "--knn-every", 1, "--workers", 0, "--no-tensorboard",
+              "--output-dir", out)
+    assert "--queue-size lowered to 48" in p.stdout  # 4096 > the 48 images of the data
+    assert "kNN top-1" in p.stdout and "at the start ->" in p.stdout and str(out / "ckpt.safetensors") in p.stdout
+    rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    knn = [r for r in rows if "knn_top1" in r]
+    assert [r["epoch"] for r in knn] == [0, 1, 2] and knn[0]["train_seconds"] == 0
+    assert 0 < knn[1]["train_seconds"] < knn[2]["train_seconds"]
+    _, meta = fm.load_checkpoint(out / "ckpt.safetensors")
+    assert meta["args"]["recipe"] == "small" and meta["small_stem"] and meta["image_size"] == 32
+    assert meta["recipe"]["lr"] == 0.12 and meta["train_seconds"] > 0
+    q = stage("plot.py", out, "-o", tmp_path / "knn.png")
+    assert (tmp_path / "knn.png").is_file() and "wrote" in q.stdout
+    r = stage("linear_probe.py", out / "ckpt.safetensors", "--data", parquet, "--cached-features", "--epochs", 2,
+              "--batch-size", 16, "--output-dir", tmp_path / "lin")
+    assert json.loads((tmp_path / "lin" / "results.json").read_text())["recipe"] == "small"
