@@ -10,13 +10,13 @@ import fastmoco as fm
 
 
 def setup(method, arch, image_size, batch, device="cpu", precision="bf16", channels_last=True, small_stem=False,
-          grid=2, k=2, seed=0):
+          recipe="imagenet", grid=2, k=2, seed=0):
     """(step, floor, parts) closures on one fixed random batch of two views (the data pipeline is bench/data_pipeline.py).
     step: one optimisation step of `method` as in pretrain.py's loop (no host sync).
     floor: the backbone work the step cannot avoid: online forward+backward on the views (Fast-MoCo: on the patches),
     target backbone forward on the full views; no heads, loss, EMA or optimizer.
     parts: {name: closure} pieces of the step timed alone (EMA, optimizer step, divide+combine)."""
-    r = fm.RECIPES[method]  # each method's optimizer, lr, clip, momentum, tau
+    r = (fm.RECIPES if recipe == "imagenet" else fm.SMALL_RECIPES)[method]  # optimizer, lr, clip, momentum, tau
     torch.manual_seed(seed)
     model = fm.OnlineEncoder(method, arch, small_stem, grid, k)
     target = fm.target_encoder(model)

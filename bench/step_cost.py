@@ -32,12 +32,14 @@ def main(
     channels_last: Annotated[bool, typer.Option(help="channels_last (pretrain.py's default except fp32 on CPU).")
                              ] = True,
     small_stem: Annotated[bool, typer.Option(help="CIFAR-style stem (for 32-64 px).")] = False,
+    recipe: Annotated[str, typer.Option(help="imagenet or small: each method's optimizer, clip, tau.")] = "imagenet",
     threads: Annotated[int, typer.Option(help="CPU threads (0 = torch's default: one per core).")] = 0,
 ):
     """Print a table: median step time of each method, its floor, their ratio, and a breakdown of the small parts."""
     if threads:
         torch.set_num_threads(threads)
-    methods = {m: setup(m, arch, image_size, batch_size, device, mixed_precision, channels_last, small_stem)
+    methods = {m: setup(m, arch, image_size, batch_size, device, mixed_precision, channels_last, small_stem,
+                      recipe)
                for m in ("fastmoco", "mocov3")}
     fns = {f"{m}.{what}": fn for m, (step, floor, _) in methods.items() for what, fn in (("step", step),
                                                                                           ("floor", floor))}

@@ -147,3 +147,33 @@ def test_small_recipe_run_logs_knn_and_training_time_and_says_where_it_went(parq
     r = stage("linear_probe.py", out / "ckpt.safetensors", "--data", parquet, "--cached-features", "--epochs", 2,
               "--batch-size", 16, "--output-dir", tmp_path / "lin")
     assert json.loads((tmp_path / "lin" / "results.json").read_text())["recipe"] == "small"
+
+
+def test_small_data_bench_table_from_logs(tmp_path):
+    from bench import small_data
+
+    def run(name, curve, seconds=60.0):
+        d = tmp_path / name
+        d.mkdir()
+        rows = [dict(step=10 * e, epoch=e, knn_top1=k, train_seconds=seconds * e) for e, k in enumerate(curve)]
+        rows.insert(1, dict(step=5, epoch=0.5, loss=3.0, img_per_s=40.0))
+        (d / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return d
+
+    table = small_data.summary({"fastmoco": [run("f0", [20, 30, 40]), run("f1", [20, 32, 44])],
+                                "mocov3": [run("m0", [20, 25, 30, 42, 45])],
+                                "mocov2": [run("v0", [20, 21, 22])]})
+    rows = {r["run"]: r for r in table}
+    assert rows["fastmoco"]["kNN@end"] == "42.0" and rows["fastmoco"]["std"] == "2.8"
+    assert rows["fastmoco"]["gain"] == "+22.0" and rows["fastmoco"]["train_min"] == "2.0"
+    assert rows["mocov3"]["epoch reaching fastmoco@end"] == "3"  # the first epoch at >= 42.0
+    assert rows["mocov2"]["epoch reaching fastmoco@end"] == "not reached" and rows["mocov2"]["img/s"] == "40"
+    md = small_data.markdown(table).splitlines()
+    assert md[0].startswith("| run | seeds |") and len(md) == 5
+
+
+def test_small_data_bench_skips_without_data(tmp_path, capsys):
+    from bench import small_data
+
+    small_data.main(data=tmp_path / "absent", out=tmp_path / "out")
+    assert "skip:" in capsys.readouterr().out and not (tmp_path / "out").exists()

@@ -1,0 +1,130 @@
+"""Learning curves on real CIFAR-10 under --recipe small: every method against its own random initialisation, and the
+paper's claim (Table 4b) at equal epochs: Fast-MoCo vs its baseline (fastmoco --no-patches) vs MoCo v3, over seeds.
+
+    python -m bench.small_data                                  # CPU scale (see docs/small-data.md for the budget)
+    python -m bench.small_data --runs all                       # every method of the project
+    python -m bench.small_data --train-images 50000 --test-images 10000 --epochs 15 --batch-size 512 \
+        --knn-every 5 --seeds 0 --workers 16 --mixed-precision bf16 --out runs/gpu-cifar   # full CIFAR-10, one GPU
+
+Each run is `python pretrain.py --recipe small` in a subprocess on a seeded subset of the parquet files, with its own
+kNN monitor (k=200, t=0.1, bank = the training subset, queries = the test subset) every --knn-every epochs; a run
+whose checkpoint exists is not run again (rerun the command after an interruption: finished runs are kept, the
+interrupted one resumes). Prints one table row per run configuration (mean and std over seeds) and writes the curves
+(kNN top-1 against epochs and against training minutes) as OUT/knn.png. Skips (exit 0) when the data folder is absent:
+users do not have it, nothing here depends on it.
+"""
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+import plot
+from bench.sample_efficiency import subset
+
+ROOT = Path(__file__).resolve().parents[1]
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+RUNS = {  # name -> pretrain.py flags
+    "fastmoco": ["--method", "fastmoco"],
+    "fastmoco-no-patches": ["--method", "fastmoco", "--no-patches"],  # Table 4b's baseline: Fast-MoCo's recipe
+    "mocov3": ["--method", "mocov3"],
+    "mocov2": ["--method", "mocov2"],
+    "mocov1": ["--method", "mocov1"],
+    "byol": ["--method", "byol"],
+    "simsiam": ["--method", "simsiam"],
+    "nnclr": ["--method", "nnclr"],
+}
+CLAIM = ("fastmoco", "fastmoco-no-patches", "mocov3")
+COLUMNS = ["run", "seeds", "epochs", "kNN@init", "kNN@end", "std", "gain", "train_min", "img/s",
+           "epoch reaching fastmoco@end"]
+
+
+def reached(rows, score):
+    """The first logged epoch whose kNN top-1 is >= score, or None."""
+    return next((r["epoch"] for r in rows if r["knn_top1"] >= score), None)
+
+
+def summary(runs: dict) -> list:
+    """{name: [run dir, ...]} -> table rows (dicts of COLUMNS), the final kNN as mean and std over seeds."""
+    logs = {name: [[json.loads(x) for x in (Path(d) / "log.jsonl").read_text().splitlines()] for d in dirs]
+            for name, dirs in runs.items()}
+    knn = {name: [[r for r in rows if "knn_top1" in r] for rows in seeds] for name, seeds in logs.items()}
+    target = statistics.mean(k[-1]["knn_top1"] for k in knn["fastmoco"]) if "fastmoco" in knn else None
+    table = []
+    for name, seeds in knn.items():
+        end = [k[-1]["knn_top1"] for k in seeds]
+        speed = [r["img_per_s"] for rows in logs[name] for r in rows if "img_per_s" in r]
+        hit = [reached(k, target) for k in seeds] if target is not None else []
+        table.append({"run": name, "seeds": len(seeds), "epochs": seeds[0][-1]["epoch"],
+                      "kNN@init": f"{statistics.mean(k[0]['knn_top1'] for k in seeds):.1f}",
+                      "kNN@end": f"{statistics.mean(end):.1f}",
+                      "std": f"{statistics.stdev(end):.1f}" if len(end) > 1 else "-",
+                      "gain": f"{statistics.mean(end) - statistics.mean(k[0]['knn_top1'] for k in seeds):+.1f}",
+                      "train_min": f"{statistics.mean(k[-1].get('train_seconds', 0) for k in seeds) / 60:.1f}",
+                      "img/s": f"{statistics.median(speed):.0f}" if speed else "-",
+                      "epoch reaching fastmoco@end": "not reached" if None in hit else
+                      (f"{statistics.mean(hit):g}" if hit else "-")})
+    return table
+
+
+def markdown(table: list) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    return "\n".join(lines + ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in table])
+
+
+@app.command()
+def main(
+    data: Annotated[Path, typer.Option(help="CIFAR-10 parquet folder (train-*.parquet, test-*.parquet).")] = Path(
+        "../shared/data/cifar10"),
+    runs: Annotated[str, typer.Option(help=f"'claim' ({', '.join(CLAIM)}), 'all', or names from "
+                                           f"{', '.join(RUNS)}, comma-separated.")] = "claim",
+    seeds: Annotated[str, typer.Option(help="Comma-separated seeds (init, data order, augmentation).")] = "0,1,2",
+    train_images: Annotated[int, typer.Option(help="Training subset (the kNN bank).")] = 5000,
+    test_images: Annotated[int, typer.Option(help="Test subset (the kNN queries).")] = 1000,
+    epochs: Annotated[int, typer.Option(help="Epochs of every run (equal epochs: the paper's comparison).")] = 6,
+    batch_size: Annotated[int, typer.Option(help="Global batch (the recipe's lr is scaled to it).")] = 64,
+    image_size: Annotated[int, typer.Option(help="Crop size; the recipe's CIFAR stem.")] = 32,
+    knn_every: Annotated[int, typer.Option(help="Epochs between kNN evaluations.")] = 1,
+    workers: Annotated[int, typer.Option(help="DataLoader workers per run.")] = 1,
+    threads: Annotated[int, typer.Option(help="torch threads per run (1 on a shared CPU, 0 = torch's default).")] = 0,
+    mixed_precision: Annotated[str, typer.Option(help="pretrain.py --mixed-precision (no, bf16, fp16).")] = "no",
+    out: Annotated[Path, typer.Option(help="Run folders, knn.png.")] = Path("runs/small-data"),
+):
+    """Pretrain each configuration with --recipe small, print the kNN table, draw the curves."""
+    if not (data.is_dir() and list(data.glob("train-*.parquet"))):
+        print(f"skip: {data} is absent (CIFAR-10 parquet files); pass --data")
+        return
+    names = list(CLAIM) if runs == "claim" else list(RUNS) if runs == "all" else runs.split(",")
+    unknown = [n for n in names if n not in RUNS]
+    if unknown:
+        raise SystemExit(f"error: unknown run {unknown[0]}: choose from {', '.join(RUNS)}")
+    sub = out / "data"
+    if not (sub / "train-00000-of-00001.parquet").is_file():
+        subset(data, sub, "train", train_images, 0)
+        subset(data, sub, "test", test_images, 1)
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    done = {}
+    for name in names:
+        for seed in map(int, seeds.split(",")):
+            run = out / f"{name}-s{seed}"
+            if not (run / "ckpt.safetensors").is_file():
+                cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(sub), "--recipe", "small",
+                       *RUNS[name], "--arch", "resnet18", "--image-size", str(image_size), "--epochs", str(epochs),
+                       "--batch-size", str(batch_size), "--knn-every", str(knn_every), "--seed", str(seed),
+                       "--workers", str(workers), "--mixed-precision", mixed_precision, "--no-tensorboard", "--save-every", "200", "--output-dir", str(run)]
+                print(" ".join(cmd[1:]), flush=True)
+                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+            done.setdefault(name, []).append(run)
+    print(markdown(summary(done)))
+    png = plot.draw(done, out / "knn.png", f"CIFAR-10, {train_images} train / {test_images} test images, ResNet-18 "
+                                           f"CIFAR stem, {image_size} px, batch {batch_size}, --recipe small")
+    print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    app()
