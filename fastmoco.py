@@ -1,7 +1,8 @@
 """Fast-MoCo (Ci et al., ECCV 2022) and the MoCo family it builds on (v1, v2, v3), as plain functions.
 
 Copy-pasteable: imports only torch, torchvision, safetensors and the standard library. No I/O besides the
-checkpoint helpers at the end, no launch code. RECIPES holds every method's published numbers.
+checkpoint helpers at the end, no launch code. RECIPES holds every method's published numbers, SMALL_RECIPES
+the small-data ones (32-96 px datasets).
 
 One complete training step, in the official order (lr, EMA before the forward, loss, clip, step, enqueue); any of
 METHODS runs as written (a test executes this block), on a CPU in seconds:
