@@ -252,7 +252,7 @@ def main(
     r = {**RECIPES[recipe.value][method.value], **{n: v for n, v in dict(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         momentum=momentum, tau=tau, clip_grad=clip_grad).items() if v is not None}}
-    image_size = image_size or r.get("image_size", 224)
+    image_size = args["image_size"] = image_size or r.get("image_size", 224)  # saved resolved: resume compares it
     small_stem = r.get("small_stem", image_size <= 64) if small_stem is None else small_stem
     queued = method.value in ("mocov1", "mocov2", "nnclr")  # a queue: MoCo's negatives or NNCLR's support set
     queue_size = queue_size or r.get("queue_size") or (98304 if method.value == "nnclr" else 65536)

@@ -130,9 +130,9 @@ def test_small_recipe_run_logs_knn_and_training_time_and_says_where_it_went(parq
     from conftest import stage
 
     out = tmp_path / "run"
-    p = stage("pretrain.py", "--data", parquet, "--recipe", "small", "--method", "mocov2", "--arch", "resnet18",
-              "--batch-size", 16, "--epochs", 2, "--knn-every", 1, "--workers", 0, "--no-tensorboard",
-              "--output-dir", out)
+    args = ("--data", parquet, "--recipe", "small", "--method", "mocov2", "--arch", "resnet18", "--batch-size", 16,
+            "--epochs", 2, "--knn-every", 1, "--workers", 0, "--no-tensorboard", "--output-dir", out)
+    p = stage("pretrain.py", *args)
     assert "--queue-size lowered to 48" in p.stdout  # 4096 > the 48 images of the data
     assert "kNN top-1" in p.stdout and "at the start ->" in p.stdout and str(out / "ckpt.safetensors") in p.stdout
     rows = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -142,6 +142,10 @@ def test_small_recipe_run_logs_knn_and_training_time_and_says_where_it_went(parq
     _, meta = fm.load_checkpoint(out / "ckpt.safetensors")
     assert meta["args"]["recipe"] == "small" and meta["small_stem"] and meta["image_size"] == 32
     assert meta["recipe"]["lr"] == 0.12 and meta["train_seconds"] > 0
+    again = stage("pretrain.py", *args)  # the same command continues the (finished) run: same resolved settings
+    assert "resuming from" in again.stderr and "step 6/6" in again.stdout
+    other = stage("pretrain.py", *args[:-2], "--output-dir", out, "--recipe", "imagenet", check=False)
+    assert other.returncode == 1 and "other settings (recipe" in other.stderr
     q = stage("plot.py", out, "-o", tmp_path / "knn.png")
     assert (tmp_path / "knn.png").is_file() and "wrote" in q.stdout
     r = stage("linear_probe.py", out / "ckpt.safetensors", "--data", parquet, "--cached-features", "--epochs", 2,
