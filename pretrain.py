@@ -73,10 +73,18 @@ def step_loss(model, target, views, queue, step, *, method, variant, tau, patche
     return fm.step_loss(method, model, target, x1, x2, tau, queue, g)
 
 
+def resolve_recipe(recipe: str, method: str, overrides: dict) -> dict:
+    """The recipe with the flags that were given; a recipe's warm-up is cut to a tenth of the run (MoCo v3's 10 epochs
+    would otherwise outlast a short run), a --warmup-epochs given explicitly is kept."""
+    r = {**RECIPES[recipe][method], **{n: v for n, v in overrides.items() if v is not None}}
+    if overrides.get("warmup_epochs") is None:
+        r["warmup_epochs"] = min(r["warmup_epochs"], r["epochs"] / 10)
+    return r
+
+
 def schedules(step, total, per_epoch, base_lr, r) -> tuple:
     """(lr, EMA momentum) of `step` under recipe r: warmup epochs, milestones as fractions of the run."""
-    warmup = min(r["warmup_epochs"] * per_epoch, total // 10)  # never more than a tenth of the run
-    lr = fm.lr_at(step, total, base_lr, warmup, r["warmup_from"],
+    lr = fm.lr_at(step, total, base_lr, round(r["warmup_epochs"] * per_epoch), r["warmup_from"],
                   [round(f * total) for f in r["milestones"]])
     return lr, fm.momentum_at(step, total, r["momentum"], r["cosine_momentum"])
 
@@ -203,7 +211,7 @@ def main(
              "nnclr 0.3, v2/v1 0.03.")] = None,
     weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3/nnclr 1e-6, byol 1.5e-6)")] = None,
     warmup_epochs: Annotated[Optional[int], typer.Option(
-        help="Linear lr warmup (at most a tenth of the run). Recipe: fastmoco 1, mocov3/byol/nnclr 10; small 0.")
+        help="Linear lr warmup. Recipe (cut to a tenth of shorter runs): fastmoco 1, mocov3/byol/nnclr 10; small 0.")
     ] = None,
     momentum: Annotated[Optional[float], typer.Option(
         help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), byol 0.996 -> 1, "
@@ -249,9 +257,9 @@ def main(
     """Pretrain a ResNet with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
     # 1. the recipe, then every argument checked before any work
-    r = {**RECIPES[recipe.value][method.value], **{n: v for n, v in dict(
+    r = resolve_recipe(recipe.value, method.value, dict(
         epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        momentum=momentum, tau=tau, clip_grad=clip_grad).items() if v is not None}}
+        momentum=momentum, tau=tau, clip_grad=clip_grad))
     image_size = args["image_size"] = image_size or r.get("image_size", 224)  # saved resolved: resume compares it
     small_stem = r.get("small_stem", image_size <= 64) if small_stem is None else small_stem
     queued = method.value in ("mocov1", "mocov2", "nnclr")  # a queue: MoCo's negatives or NNCLR's support set

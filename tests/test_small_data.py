@@ -36,10 +36,13 @@ def test_small_augmentations_have_no_blur_and_solarize_only_view_2():
         assert ("RandomSolarize" in names[1]) == (name == "small-asymmetric") and "RandomSolarize" not in names[0]
 
 
-def test_warmup_never_exceeds_a_tenth_of_the_run():
-    r = dict(pretrain.RECIPES["imagenet"]["mocov3"])  # 10 warm-up epochs
-    lrs = [pretrain.schedules(s, 50, 10, 1.0, r)[0] for s in range(50)]  # a 5-epoch run
+def test_recipe_warmup_never_exceeds_a_tenth_of_the_run():
+    r = pretrain.resolve_recipe("imagenet", "mocov3", dict(epochs=5))  # MoCo v3: 10 warm-up epochs
+    assert r["warmup_epochs"] == 0.5 and r["epochs"] == 5
+    lrs = [pretrain.schedules(s, 50, 10, 1.0, r)[0] for s in range(50)]  # 10 steps per epoch
     assert lrs[4] < lrs[5] == max(lrs) and math.isclose(lrs[5], 1.0)  # warm-up of 5 steps, not 100
+    assert pretrain.resolve_recipe("imagenet", "mocov3", dict(epochs=100))["warmup_epochs"] == 10  # the paper's
+    assert pretrain.resolve_recipe("imagenet", "mocov3", dict(epochs=5, warmup_epochs=3))["warmup_epochs"] == 3
 
 
 def split_bn_reference(x, bn, splits):
