@@ -139,6 +139,18 @@ def check_args(acc, r, arch, image_size, small_stem, patches, grid, k, queue_siz
         fail(f"--resume {resume} does not exist")
 
 
+def split_bn(model, method, bn_splits, B, world):
+    """MoCo v1/v2: BN over groups of the batch (--bn-splits; default 8 on one process, 1 with several, where the real
+    shuffle-BN runs), MoCo's one-GPU stand-in for shuffle-BN. The target is a copy: its BN is split too."""
+    if bn_splits and method not in ("mocov1", "mocov2"):
+        fail(f"--bn-splits emulates MoCo v1/v2's shuffle-BN: --method {method} has none (drop --bn-splits)")
+    if method in ("mocov1", "mocov2"):
+        bn_splits = bn_splits or (1 if world > 1 else next(s for s in (8, 4, 2, 1) if B % s == 0 and B // s >= 8))
+        if B // world % bn_splits:
+            fail(f"--bn-splits {bn_splits} does not divide the batch of {B // world} per process")
+        fm.split_bn(model.backbone, bn_splits)
+
+
 def on_device(model, sync_bn, channels_last, acc):
     """(online encoder, its momentum encoder, memory format), on acc.device; SyncBN across several processes."""
     if sync_bn and acc.num_processes > 1:  # torch's SyncBN runs on GPUs only, fastmoco's on CPUs too
@@ -294,13 +306,7 @@ def main(
     model = (vr.Encoder(method.value, arch, small_stem, patches, grid, combine_k, pipeline.value, combine.value,
                         combine_lambda, beta_alpha, combinations) if variant else
              fm.OnlineEncoder(method.value, arch, small_stem, grid, combine_k))
-    if bn_splits and method.value not in ("mocov1", "mocov2"):
-        fail(f"--bn-splits emulates MoCo v1/v2's shuffle-BN: --method {method.value} has none (drop --bn-splits)")
-    if method.value in ("mocov1", "mocov2"):
-        bn_splits = bn_splits or (1 if world > 1 else next(s for s in (8, 4, 2, 1) if B % s == 0 and B // s >= 8))
-        if B // world % bn_splits:
-            fail(f"--bn-splits {bn_splits} does not divide the batch of {B // world} per process")
-        fm.split_bn(model.backbone, bn_splits)  # the target is a copy: its BN is split too (MoCo's demo)
+    split_bn(model, method.value, bn_splits, B, world)
     model, target, fmt = on_device(model, r["sync_bn"], channels_last, acc)
     base_lr = r["lr"] * B / 256
     optimizer = fm.make_optimizer(model, r["optimizer"], base_lr, r["weight_decay"], r["fix_predictor_lr"])

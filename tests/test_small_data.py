@@ -184,3 +184,18 @@ def test_small_data_bench_skips_without_data(tmp_path, capsys):
 
     small_data.main(data=tmp_path / "absent", out=tmp_path / "out")
     assert "skip:" in capsys.readouterr().out and not (tmp_path / "out").exists()
+
+
+def test_bn_splits_flag():
+    model = fm.OnlineEncoder("mocov2", "resnet18", small_stem=True)
+    pretrain.split_bn(model, "mocov2", None, 32, 1)  # default on one process: 4 groups of 8 for a batch of 32
+    assert model.backbone.bn1.splits == 4
+    model = fm.OnlineEncoder("mocov1", "resnet18", small_stem=True)
+    pretrain.split_bn(model, "mocov1", 2, 32, 2)
+    assert model.backbone.layer1[0].bn1.splits == 2
+    pretrain.split_bn(model := fm.OnlineEncoder("mocov2", "resnet18"), "mocov2", None, 32, 2)  # several processes
+    assert model.backbone.bn1.splits == 1
+    with pytest.raises(SystemExit, match="does not divide the batch of 16"):
+        pretrain.split_bn(fm.OnlineEncoder("mocov2", "resnet18"), "mocov2", 3, 32, 2)
+    with pytest.raises(SystemExit, match="--method mocov3 has none"):
+        pretrain.split_bn(fm.OnlineEncoder("mocov3", "resnet18"), "mocov3", 8, 32, 1)
