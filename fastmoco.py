@@ -148,7 +148,8 @@ class OnlineEncoder(nn.Module):
         self.method, self.grid, self.k = method, grid, k
         self.patches = method == "fastmoco"  # combinatorial patches on the online branch
         # Official MoCo v1/v2 build torchvision's ResNet as is (zero_init_residual=False); MoCo v3 / Fast-MoCo: True
-        self.backbone = resnet(arch, small_stem, zero_init_residual=method not in ("mocov1", "mocov2"))
+        self.zero_init_residual = method not in ("mocov1", "mocov2")
+        self.backbone = resnet(arch, small_stem, self.zero_init_residual)
         self.projector, self.predictor = self.make_heads(self.backbone.dim)
 
     def make_heads(self, dim: int):
@@ -174,12 +175,35 @@ class OnlineEncoder(nn.Module):
         return tuple(self.branch(x) for x in views)
 
 
-def target_encoder(model: OnlineEncoder) -> nn.Module:
-    """The momentum (EMA) encoder: a frozen copy of backbone + projector (no predictor), initialised equal."""
+def target_encoder(model: OnlineEncoder, independent: bool = False) -> nn.Module:
+    """The momentum (EMA) encoder: a frozen copy of backbone + projector (no predictor), initialised equal (MoCo v3,
+    BYOL). independent: drawn afresh instead (torchvision's ResNet init, torch's head init), as the official
+    Fast-MoCo code does: it builds its target as a second model."""
     target = nn.Sequential(OrderedDict(backbone=copy.deepcopy(model.backbone),
                                        projector=copy.deepcopy(model.projector)))
+    if independent:
+        for m in target.backbone.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm):
+                nn.init.ones_(m.weight), nn.init.zeros_(m.bias)
+        last = {torchvision.models.resnet.BasicBlock: "bn2", torchvision.models.resnet.Bottleneck: "bn3"}
+        for m in target.backbone.modules():  # after the loop above, which visits a block before its BNs
+            if type(m) in last and model.zero_init_residual:
+                nn.init.zeros_(getattr(m, last[type(m)]).weight)
+        for m in target.projector.modules():
+            if isinstance(m, (nn.Linear, nn.modules.batchnorm._BatchNorm)):
+                m.reset_parameters()
     target.requires_grad_(False)
     return target
+
+
+def uniform_bn(*heads: nn.Module):
+    """Head BN gammas ~ U(0, 1), as in the official Fast-MoCo code (it patches BatchNorm.reset_parameters with the
+    default of SenseTime's internal SyncBN; its ResNet sets the backbone's gammas back to 1)."""
+    for m in itertools.chain(*(h.modules() for h in heads)):
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.affine:
+            nn.init.uniform_(m.weight)
 
 
 # ----------------------------------------------------------------------------- divide / combine

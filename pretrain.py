@@ -151,12 +151,15 @@ def split_bn(model, method, bn_splits, B, world):
         fm.split_bn(model.backbone, bn_splits)
 
 
-def on_device(model, sync_bn, channels_last, acc):
-    """(online encoder, its momentum encoder, memory format), on acc.device; SyncBN across several processes."""
+def on_device(model, sync_bn, channels_last, acc, official_init=False):
+    """(online encoder, its momentum encoder, memory format), on acc.device; SyncBN across several processes.
+    official_init: the official Fast-MoCo code's init (target drawn independently, head BN gammas ~ U(0, 1))."""
     if sync_bn and acc.num_processes > 1:  # torch's SyncBN runs on GPUs only, fastmoco's on CPUs too
         model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if acc.device.type == "cuda" else
                  fm.convert_sync_bn(model))
-    target = fm.target_encoder(model)  # official MoCo v3: the momentum encoder uses SyncBN too
+    target = fm.target_encoder(model, independent=official_init)  # MoCo v3: the momentum encoder uses SyncBN too
+    if official_init:
+        fm.uniform_bn(model.projector, model.predictor, target.projector)
     if channels_last is None:  # measured on a 2-core AVX-512 CPU: channels_last helps bf16, hurts fp32
         channels_last = acc.device.type != "cpu" or acc.mixed_precision != "no"
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -236,6 +239,9 @@ def main(
         help="MoCo v1/v2 on one process: normalise the batch in this many groups, with the key batch shuffled, "
              "MoCo's one-GPU stand-in for shuffle-BN (its CIFAR demo: 8). Default: 8 (fewer if the batch gives a "
              "group under 8 images) on one process; 1 with several (real shuffle-BN).")] = None,
+    official_init: Annotated[bool, typer.Option(
+        help="Fast-MoCo: the official code's init (EMA target drawn independently of the online encoder, head BN "
+             "gammas ~ U(0, 1)) instead of MoCo v3's (target = a copy, gammas 1).")] = False,
     queue_size: Annotated[Optional[int], typer.Option(
         help="MoCo v1/v2: negatives K in the queue (65536, small 4096); NNCLR: support set size (98304, small "
              "4096). Never more than the dataset.")] = None,
@@ -278,6 +284,8 @@ def main(
     queue_size = queue_size or r.get("queue_size") or (98304 if method.value == "nnclr" else 65536)
     patches = method.value == "fastmoco" if patches is None else patches
     variant = vr.is_variant(method.value, patches, pipeline.value, combine.value, combinations, same_view, multi_crop)
+    if official_init and method.value != "fastmoco":
+        fail(f"--official-init is the official Fast-MoCo code's init: --method {method.value} has its own (drop it)")
     if variant and (msg := vr.check(method.value, patches, grid, combine_k, pipeline.value, combine.value,
                                     combine_lambda, combinations, same_view, multi_crop, momentum)):
         fail(msg)
@@ -307,7 +315,7 @@ def main(
                         combine_lambda, beta_alpha, combinations) if variant else
              fm.OnlineEncoder(method.value, arch, small_stem, grid, combine_k))
     split_bn(model, method.value, bn_splits, B, world)
-    model, target, fmt = on_device(model, r["sync_bn"], channels_last, acc)
+    model, target, fmt = on_device(model, r["sync_bn"], channels_last, acc, official_init)
     base_lr = r["lr"] * B / 256
     optimizer = fm.make_optimizer(model, r["optimizer"], base_lr, r["weight_decay"], r["fix_predictor_lr"])
     # (K, 128) negatives, or NNCLR's (K, 256) support set

@@ -646,6 +646,35 @@ def test_fastmoco_branch_is_combine_of_patch_features():
     torch.testing.assert_close(got, expect, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("method", ["fastmoco", "mocov2"])
+def test_independent_target_is_drawn_like_a_fresh_model(method):
+    """--official-init: the target is not a copy but a draw of torchvision's ResNet init (kaiming fan-out convs,
+    BN 1/0, zero-init residual for Fast-MoCo only) and torch's head init; uniform_bn draws head gammas ~ U(0, 1)."""
+    torch.manual_seed(0)
+    model = fm.OnlineEncoder(method, "resnet18")
+    target = fm.target_encoder(model, independent=True)
+    fresh = torchvision.models.resnet18(zero_init_residual=method == "fastmoco").state_dict()
+    for k, v in target.backbone.state_dict().items():
+        online = model.backbone.state_dict()[k]
+        if "conv" in k or "downsample.0" in k:
+            assert not torch.equal(v, online), k  # drawn, not copied
+            assert abs(v.std() / fresh[k].std() - 1) < 0.1, k  # the same distribution as torchvision's
+        else:
+            assert torch.equal(v, fresh[k]), k  # BN weights / biases / running stats exactly torchvision's
+    for t, o in zip(target.projector.modules(), model.projector.modules()):
+        if isinstance(t, nn.Linear):
+            assert not torch.equal(t.weight, o.weight) and t.weight.std() / o.weight.std() - 1 < 0.1
+        if isinstance(t, nn.BatchNorm1d):
+            assert torch.equal(t.weight, torch.ones_like(t.weight)) and torch.equal(t.bias, o.bias)
+    if method != "fastmoco":
+        return
+    fm.uniform_bn(model.projector, target.projector)
+    for h in (model.projector, target.projector):
+        g = torch.cat([m.weight for m in h.modules() if isinstance(m, nn.BatchNorm1d)])
+        assert 0 <= g.min() and g.max() < 1 and abs(g.mean() - 0.5) < 0.02 and abs(g.std() - 12 ** -0.5) < 0.02
+    assert torch.equal(model.backbone.bn1.weight, torch.ones(64))  # the backbone keeps gamma = 1
+
+
 def test_target_encoder():
     """Equal to backbone+projector at init (params and buffers), frozen, no predictor, an independent copy."""
     model = tiny_moco("fastmoco")

@@ -94,12 +94,24 @@ def test_hub_unreachable_fails_fast_with_a_way_forward(tmp_path):
     assert len(err) == 1 and "Hugging Face Hub" in err[0] and "--data" in err[0], p.stderr
 
 
+def test_official_init(parquet, tmp_path):
+    """--official-init reaches the run: the target starts apart from the online encoder, head gammas below 1."""
+    run("--data", parquet, "--max-steps", 1, "--official-init", "--output-dir", tmp_path)
+    t, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    assert meta["args"]["official_init"] is True
+    # after one EMA step from an independent draw (m 0.99), the target is still ~99% its own init
+    assert (t["target.backbone.conv1.weight"] - t["backbone.conv1.weight"]).abs().mean() > 1e-3
+    for k in ("projector.1.weight", "predictor.1.weight", "target.projector.1.weight"):
+        assert 0 <= t[k].min() and t[k].max() < 1.01 and abs(t[k].mean() - 0.5) < 0.05, k
+
+
 @pytest.mark.parametrize("args, words", [
     (["--arch", "resnet7"], "unknown --arch"),
     (["--grid", 3], "--grid 3 must divide"),
     (["--combine-k", 4], "--combine-k must be in 1..3"),
     (["--method", "mocov2", "--queue-size", 20], "--queue-size 20 is not divisible"),
     (["--batch-size", 64], "fewer than one global batch"),
+    (["--method", "mocov3", "--official-init"], "--official-init is the official Fast-MoCo code's init"),
 ])
 def test_bad_arguments_get_one_line_errors(parquet, tmp_path, args, words):
     p = run("--data", parquet, "--output-dir", tmp_path, *args, check=False)
