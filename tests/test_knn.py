@@ -199,3 +199,41 @@ def test_pretrain_knn_on_streamed_data_with_a_bank_subset(sharded, tmp_path):
     p = stage("pretrain.py", *common, "--knn-bank-size", -1, "--output-dir", tmp_path / "b", check=False)
     assert p.returncode == 1 and p.stderr.strip().splitlines()[-1].startswith("error: --knn-bank-size -1")
     assert "--knn-bank-size" in stage("pretrain.py", "--help").stdout
+
+
+@pytest.mark.slow
+def test_two_processes_decode_each_example_once(sharded, tmp_path):
+    """A real `accelerate launch` of tests/knn_check.py, 2 CPU processes, 3 train shards: the kNN monitor decodes
+    every bank and query image once over the two processes and scores as one process does (uneven shares
+    gathered); the streamed probe's two processes augment disjoint shards, as many images as their batches hold
+    (2 epochs x 6 steps x 4), and finish without waiting on each other (each loops over its own shards)."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from accelerate import Accelerator
+
+    import fastmoco as fm
+
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+           "29711", str(ROOT / "tests" / "knn_check.py"), str(sharded), str(tmp_path)]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2))
+    fp = lambda split: [hashlib.sha256(ex["image"].tobytes()).hexdigest()[:16]  # noqa: E731
+                        for ex in data.load_split(str(sharded), split, True)[0]]
+    train, test = fp("train"), fp("test")
+    assert sorted(r0["knn_decoded"][0] + r1["knn_decoded"][0]) == sorted(train + test)  # the whole bank, once
+    b20 = r0["knn_decoded"][1] + r1["knn_decoded"][1]
+    assert len(b20) == len(set(b20)) == 20 + 21 and set(b20) >= set(test)  # the subset bank and every query
+    torch.manual_seed(0)
+    one = runs.knn_top1(fm.resnet("resnet18", False), *[data.load_split(str(sharded), s, True)[0]
+                                                        for s in ("train", "test")], "image", 32, Accelerator(cpu=True))
+    assert r0["knn"][0] == r1["knn"][0] and r0["knn"][0][0] == pytest.approx(one[0]) and one[1] == 48
+    assert r0["knn"][1][1] == 20
+    a, b = r0["probe_decoded"], r1["probe_decoded"]
+    assert len(a) == len(b) == 2 * 6 * 4 and set(a) <= set(train[:32]) and set(b) <= set(train[32:])
+    assert json.loads((tmp_path / "probe/results.json").read_text())["world_size"] == 2
