@@ -121,7 +121,8 @@ def load_scaler(scaler, tensors):
 
 # Flags a resumed run may change: where and how it runs, not what it computes.
 FREE = {"data", "resume", "output_dir", "max_steps", "save_every", "keep", "skip_nonfinite", "max_bad_fraction",
-        "log_every", "knn_every", "knn_bank_size", "workers", "streaming", "mixed_precision", "channels_last", "tensorboard"}
+        "log_every", "knn_every", "knn_bank_size", "workers", "streaming", "mixed_precision", "channels_last",
+        "tensorboard"}
 
 
 def check_same_run(point, args: dict):
