@@ -226,8 +226,8 @@ def record(acc, log, step, per_epoch, row):
 
 def bank_dtype(device) -> torch.dtype:
     """fp16 on CUDA: half of fp32's memory, and on unit vectors 8x finer than bf16 (10 mantissa bits, not 7). fp32 on
-    the CPU: exact, and fp16 matmul is no faster there (measured on this 2-core Xeon: 228 ms fp16, 185 ms fp32 for
-    (1024, 512) x (512, 20000); bf16 took 43 ms, but only with AMX, and is 8x coarser)."""
+    the CPU: exact, and fp16 matmul is no faster there (measured on the development Xeon, one thread: 228 ms fp16,
+    185 ms fp32 for (1024, 512) x (512, 20000); bf16 took 43 ms, but only with AMX, and is 8x coarser)."""
     return torch.float16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -262,7 +262,7 @@ def balanced_subset(labels, size: int, seed: int) -> list:
 
 class LabelledStream(torch.utils.data.IterableDataset):
     """A streamed split as {x, y}: each DataLoader worker keeps at most ceil(size / workers) examples, and at most
-    ceil(that / classes) of a class (roughly balanced, never the whole stream read for a small bank); size None: all.
+    ceil(that / classes) of a class (roughly balanced; reading stops once it has them); size None: all.
     Images are decoded (load_rgb) only once kept; undecodable ones are skipped."""
 
     def __init__(self, ds, column, transform, size=None, classes=None):
