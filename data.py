@@ -202,7 +202,7 @@ def load_split(data: str, split: str, streaming: bool):
 
 def pretrain_data(data: str, streaming, column: str, batch: int, knn: bool):
     """pretrain.py's data: (train split, its size, whether it streams, (train, val) splits for the kNN monitor or
-    None). Streaming: always for Hub names, else as asked (default off)."""
+    None). Streaming: always for Hub names, else as asked (default off); the kNN's validation split streams too."""
     hub = not Path(data).expanduser().exists() and data != "demo"
     streaming = hub if streaming is None else (streaming or hub)
     ds, n = load_split(data, "train", streaming)
@@ -217,10 +217,10 @@ def pretrain_data(data: str, streaming, column: str, batch: int, knn: bool):
         raise ValueError(f"{data} has {n} images, fewer than one global batch of {batch}: lower --batch-size")
     if not knn:
         return ds, n, streaming, None
-    val, _ = load_split(data, "validation", False)
-    val = val if val is not None else load_split(data, "test", False)[0]
-    if streaming or val is None or "label" not in ds.column_names:
-        raise ValueError("--knn-every needs local labelled data with a validation or test split (label column)")
+    val, _ = load_split(data, "validation", streaming)  # streamed like the train split: never materialised
+    val = val if val is not None else load_split(data, "test", streaming)[0]
+    if val is None or any("label" not in (split.column_names or []) for split in (ds, val)):
+        raise ValueError("--knn-every needs labelled data (a label column) with a validation or test split")
     return ds, n, streaming, (ds, val)
 
 
@@ -355,6 +355,20 @@ class StreamCursor:
                              for w in range(self.W)])  # (W, 2)
 
 
+def process_shards(ds, rank: int, world: int):
+    """This process's part of a streamed dataset: whole shards (uneven by at most one) when there are at least as many
+    as processes, so each example is read and decoded by one process only. REFERENCE: ImageNet's 294 shards do not
+    divide 4 or 8 processes, and split_dataset_by_node then has every process read every example and keep 1/world of
+    them; it is used here only when there are fewer shards than processes, where nothing better exists."""
+    if world == 1:
+        return ds
+    if ds.num_shards >= world:
+        return ds.shard(world, rank)
+    import datasets.distributed
+
+    return datasets.distributed.split_dataset_by_node(ds, rank, world)
+
+
 def loader_for(ds, n, streaming, column, transforms, batch, rank, world, seed, start, stop, workers, pin=False,
                stream_state=None):
     """DataLoader of this process's local batches (batch // world images) from step `start` to `stop`; samples are
@@ -366,14 +380,8 @@ def loader_for(ds, n, streaming, column, transforms, batch, rank, world, seed, s
     if isinstance((ds.features or {}).get(column), datasets.Image):
         ds = ds.cast_column(column, datasets.Image(decode=False))
     if streaming:
-        import datasets.distributed
-
-        # REFERENCE: ImageNet's 294 shards do not divide 4 or 8 processes; split_dataset_by_node would then make every
-        # process read everything. Give each process whole shards instead (uneven by at most one).
         workers = min(workers, ds.num_shards // world if ds.num_shards >= world else ds.num_shards)  # same on all
-        if world > 1:
-            ds = ds.shard(world, rank) if ds.num_shards >= world else datasets.distributed.split_dataset_by_node(
-                ds, rank, world)
+        ds = process_shards(ds, rank, world)
     kw = dict(num_workers=workers, pin_memory=pin, persistent_workers=workers > 0,
               prefetch_factor=4 if workers > 0 else None)
     if streaming:

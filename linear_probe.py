@@ -24,7 +24,8 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
-from data import load_split, num_classes, probe_transforms, sample_seed, with_labels
+import runs
+from data import load_split, num_classes, probe_transforms, process_shards, sample_seed, with_labels
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
@@ -120,10 +121,37 @@ def accuracy(logits, y, ks=(1, 5)):
 
 @torch.no_grad()
 def knn_accuracy(train_f, train_y, val_f, val_y, classes, k, t, chunk=1024) -> float:
-    """Weighted kNN top-1 in percent (Wu et al. 2018): train features are the bank, queries in chunks."""
-    pred = torch.cat([fm.knn_predict(val_f[i:i + chunk], train_f, train_y, classes, k, t)
-                      for i in range(0, len(val_f), chunk)])
+    """Weighted kNN top-1 in percent (Wu et al. 2018), pretrain.py's monitor's (runs.knn_predict): train features are
+    the bank (half precision on a GPU), queries in chunks."""
+    dtype = runs.bank_dtype(train_f.device)
+    pred = runs.knn_predict(runs.normalized(val_f, dtype), runs.normalized(train_f, dtype), train_y, classes, k, t,
+                            chunk)
     return 100.0 * (pred == val_y).float().mean().item()
+
+
+class Endless(torch.utils.data.IterableDataset):
+    """A streamed split's epochs one after another (set_epoch reshuffles its shards). With whole shards per process
+    (data.process_shards) the processes hold uneven shares, yet each must give every epoch's n // B batches, as
+    pretrain.py's stream does."""
+
+    def __init__(self, ds):
+        self.ds = ds
+
+    def __iter__(self):
+        for epoch in itertools.count():
+            self.ds.set_epoch(epoch)
+            empty = True
+            for ex in self.ds:
+                empty = False
+                yield ex
+            if empty:  # a DataLoader worker without a shard: end it rather than spin
+                return
+
+
+def train_stream(train, column, transform, seed, rank, world):
+    """This process's endless stream of augmented {x, y} train examples: its whole shards, shuffled, and only then
+    decoded and augmented (with_labels), so each example is decoded by one process only."""
+    return Endless(with_labels(process_shards(train, rank, world).shuffle(seed=seed), column, transform))
 
 
 def check_frozen(backbone, reference: dict):
@@ -243,21 +271,17 @@ def main(
             B = min(B, len(train_f))
         else:
             per_epoch = n // B
-            ds = with_labels(train.shuffle(seed=seed) if streaming else train, image_column, train_tf)
-            if streaming and world > 1:  # whole shards per process, as pretrain.py does (REFERENCE: 294 shards)
-                import datasets.distributed
-                ds = datasets.distributed.split_dataset_by_node(ds, acc.process_index, world)
+            ds = (train_stream(train, image_column, train_tf, seed, acc.process_index, world) if streaming else
+                  with_labels(train, image_column, train_tf))
             loader = torch.utils.data.DataLoader(ds, batch_size=B // world, shuffle=not streaming, drop_last=True,
                                                  num_workers=workers, persistent_workers=workers > 0)
-            loader = loader if streaming else acc.prepare(loader)
+            loader = iter(loader) if streaming else acc.prepare(loader)  # streamed: one endless iterator
 
         # 4. train the classifier: per-iteration cosine schedule, evaluate after every epoch
         total, step, history = epochs * per_epoch, 0, []
         task = progress.add_task("linear probe", total=total, info="")
         for epoch in range(epochs):
-            if streaming and not cached_features:
-                ds.set_epoch(epoch)
-            elif loader is not None and hasattr(loader, "set_epoch"):
+            if loader is not None and hasattr(loader, "set_epoch"):
                 loader.set_epoch(epoch)
             batches = (cached_batches(train_f, train_y, B, seed, epoch) if cached_features else
                        augmented_batches(backbone, loader, per_epoch, acc))

@@ -260,7 +260,11 @@ def main(
                                 ] = 0.01,
     log_every: Annotated[int, typer.Option(help="Sync and log the loss every N steps.")] = 20,
     knn_every: Annotated[int, typer.Option(
-        help="kNN top-1 of the online backbone every N epochs on labelled local data (0 = off).")] = 0,
+        help="kNN top-1 of the online backbone every N epochs on labelled data with a validation or test split, "
+             "local or streamed (0 = off).")] = 0,
+    knn_bank_size: Annotated[int, typer.Option(
+        help="kNN bank: this many train images (seeded, class-balanced; the same at every evaluation) instead of "
+             "the whole split (0). For ImageNet, e.g. 100 per class: --knn-bank-size 100000.")] = 0,
     workers: Annotated[Optional[int], typer.Option(
         help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
     image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
@@ -300,6 +304,7 @@ def main(
 
     # 2. data
     with user_errors():
+        runs.check_ranges({"--knn-bank-size": (knn_bank_size, 0)})
         ds, n, streaming, knn_data = pretrain_data(data, streaming, image_column, B, knn_every)
     per_epoch = n // B
     if queued and queue_size > per_epoch * B:  # a queue larger than the data would hold each image's own key
@@ -346,8 +351,8 @@ def main(
     loss_fn = functools.partial(step_loss, method=method.value, variant=variant, tau=r["tau"], patches=patches,
                                 same_view=same_view, seed=seed, rank=acc.process_index)
     window = runs.Window(acc, step, point[2].get("train_seconds", 0.0) if point else 0.0)  # between two log rows
-    knn = [runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size, window)
-           ] if knn_every and step == 0 else []
+    knn = [runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size, window,
+                        knn_bank_size, seed, workers)] if knn_every and step == 0 else []
     bad = 0  # undecodable images replaced (map-style) or skipped (streaming), this process
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
@@ -387,7 +392,7 @@ def main(
             progress.update(task, completed=step)
             if knn_every and step % (knn_every * per_epoch) == 0:
                 knn.append(runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
-                                        image_size, window))
+                                        image_size, window, knn_bank_size, seed, workers))
             if save_every and step % save_every == 0 and step < stop:
                 save(acc, output_dir / f"ckpt-{step:07d}.safetensors", online, target, optimizer, queue, ptr, cursor,
                      dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped,
