@@ -226,3 +226,40 @@ def test_mocov1_grayscale_before_an_always_applied_jitter(view_draws):
     r = view_draws["mocov1", 0]
     assert rate_ok(r[:, 6] > 0, 0.2) and (r[:, 7] == 1).all()
     assert same(r[:, 11], np.random.default_rng(0).uniform(-0.4, 0.4, N))
+
+
+# ----------------------------------------------------------------------------- pretrain.py --augment-on device
+
+@pytest.mark.slow
+def test_pretrain_augment_on_device_runs_and_resumes_exactly(parquet, tmp_path):
+    """pretrain.py --augment-on device on CPU, end to end (with a multi-crop view): stopped at step 2 and resumed to
+    4, the losses and weights equal the straight run's; a resume with the other --augment-on is refused."""
+    import json
+
+    import fastmoco as fm
+    from conftest import stage
+
+    common = ["--data", parquet, "--arch", "resnet18", "--image-size", 32, "--no-small-stem", "--batch-size", 8,
+              "--workers", 0, "--no-tensorboard", "--log-every", 1, "--epochs", 2, "--augment-on", "device"]
+    stage("pretrain.py", *common, "--max-steps", 4, "--output-dir", tmp_path / "full")
+    stage("pretrain.py", *common, "--max-steps", 2, "--output-dir", tmp_path / "part")
+    stage("pretrain.py", *common, "--max-steps", 4, "--output-dir", tmp_path / "part")
+    log = lambda d: [json.loads(s) for s in (tmp_path / d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    assert [r["step"] for r in log("part")] == [1, 2, 3, 4]
+    assert [r["loss"] for r in log("part")] == [r["loss"] for r in log("full")]
+    a, _ = fm.load_checkpoint(tmp_path / "full/ckpt.safetensors")
+    b, _ = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
+    p = stage("pretrain.py", *common[:-1], "cpu", "--max-steps", 5, "--output-dir", tmp_path / "part", check=False)
+    assert p.returncode == 1 and "augment_on" in p.stderr
+    stage("pretrain.py", *common, "--method", "mocov3", "--multi-crop", 1, "--multi-crop-size", 16, "--max-steps", 1,
+          "--output-dir", tmp_path / "multi")
+    assert math.isfinite(log("multi")[0]["loss"])
+
+
+def test_help_lists_augment_on():
+    from typer.testing import CliRunner
+
+    import pretrain
+    out = CliRunner().invoke(pretrain.app, ["--help"], terminal_width=200).output
+    assert "--augment-on" in out and "[default: cpu]" in out.split("--augment-on")[1].split("--workers")[0]
