@@ -1,12 +1,12 @@
-"""Augmentation on the accelerator (pretrain.py --augment-on device). The DataLoader workers only decode, resize each
-image to one fixed S x S uint8 source and draw every view's random parameters; the crops, colour jitter, grayscale,
+"""Augmentation on the accelerator (pretrain.py --augment-on device). The DataLoader workers only decode, copy each
+image into one fixed L x L uint8 canvas (scaled down only if larger) and draw every view's random parameters; the crops, colour jitter, grayscale,
 Gaussian blur, solarize, flip and normalisation then run batched on the device, in pure torch.
 
 The parameters are drawn by the CPU pipeline's own transform objects (data.augmentations), with the same torch RNG
 calls in the same order, so under a per-image seed (data.Views) a view gets exactly the crop box, jitter factors and
 order, blur sigma and coin flips the CPU pipeline would have drawn: same recipe, same seeds, resumable as before. Only
-the pixels differ: the crop is resampled from the S x S source (default S = 2 x the view size) instead of the full
-image, in float instead of uint8 between the ops.
+rounding differs: the ops run in float instead of uint8 in between (and images larger than L, 512 px at 224, are
+cropped from a scaled-down copy).
 
 Why pure torch and not NVIDIA DALI: no extra dependency (DALI is CUDA-only, so it would leave CPU runs and the CPU
 tests on another code path), and the ops are torchvision's formulas, so each is tested against
@@ -53,14 +53,20 @@ def ops(compose) -> list:
 # ----------------------------------------------------------------------------- the DataLoader workers' part
 
 class Source:
-    """PIL image -> (S, S, 3) uint8: the whole image resized (aspect not kept) to one size, so a batch stacks; the crop
-    boxes, drawn in the original's pixels, are mapped onto it (resized_crop)."""
+    """PIL image -> ((L, L, 3) uint8 canvas with the image at its top left, (2,) the image's size there): one size, so
+    a batch stacks, with no resampling for images up to L px (an image larger than L is scaled down to fit, aspect
+    kept). The crop boxes, drawn in the original's pixels, are mapped onto it (resized_crop)."""
 
     def __init__(self, size: int):
         self.size = size
 
     def __call__(self, img):
-        return torch.from_numpy(np.array(img.resize((self.size, self.size), Image.BILINEAR)))
+        f = min(1.0, self.size / max(img.size))
+        if f < 1:
+            img = img.resize((max(1, round(img.width * f)), max(1, round(img.height * f))), Image.BILINEAR)
+        canvas = torch.zeros(self.size, self.size, 3, dtype=torch.uint8)
+        canvas.numpy()[:img.height, :img.width] = np.asarray(img)
+        return canvas, torch.tensor([img.height, img.width])
 
 
 class Params:
@@ -168,15 +174,15 @@ def resample_weights(start, length, lo, hi, out: int, n: int, cubic: bool):
     return w / w.sum(-1, keepdim=True).clamp(min=1e-12)
 
 
-def resized_crop(src, box, hw, size: int, cubic: bool):
-    """The crops of a batch, resized to size x size: src (B, C, S, S) in [0, 1], box (B, 4) top, left, height, width in
-    the pixels of originals of size hw (B, 2), mapped onto the S x S source. Two batched matmuls; clamped to [0, 1]
-    as the CPU pipeline's uint8 output is."""
-    S = src.shape[-1]
-    sy, sx = S / hw[:, 0], S / hw[:, 1]
+def resized_crop(src, box, hw, placed, size: int, cubic: bool):
+    """The crops of a batch, resized to size x size: src (B, C, L, L) in [0, 1], box (B, 4) top, left, height, width
+    in the pixels of originals of size hw (B, 2), which fill the top left `placed` (B, 2) pixels of the source. Two
+    batched matmuls; clamped to [0, 1] as the CPU pipeline's uint8 output is."""
+    L, placed = src.shape[-1], placed.to(box.dtype)
+    sy, sx = placed[:, 0] / hw[:, 0], placed[:, 1] / hw[:, 1]
     top, left, h, w = box[:, 0] * sy, box[:, 1] * sx, box[:, 2] * sy, box[:, 3] * sx
-    wy = resample_weights(top, h, top.floor(), (top + h).ceil().clamp(max=S), size, S, cubic)  # (B, size, S)
-    wx = resample_weights(left, w, left.floor(), (left + w).ceil().clamp(max=S), size, S, cubic)
+    wy = resample_weights(top, h, top.floor(), torch.minimum((top + h).ceil(), placed[:, 0]), size, L, cubic)
+    wx = resample_weights(left, w, left.floor(), torch.minimum((left + w).ceil(), placed[:, 1]), size, L, cubic)
     dtype = src.dtype
     return (wy.to(dtype)[:, None] @ src @ wx.to(dtype).transpose(1, 2)[:, None]).clamp(0, 1)  # (B, C, size, size)
 
@@ -194,14 +200,15 @@ def jitter(x, q):
     return x
 
 
-def apply(view_ops, src, params):
-    """One view of the batch: src (B, 3, S, S) float in [0, 1], params (B, P) from Params -> (B, 3, size, size)."""
+def apply(view_ops, src, placed, params):
+    """One view of the batch: src (B, 3, L, L) float in [0, 1] and the images' sizes in it (B, 2) (Source), params
+    (B, P) from Params -> (B, 3, size, size)."""
     x, k = None, 0
     for kind, p, t in view_ops:
         q, k = params[:, k:k + WIDTH[kind]], k + WIDTH[kind]
         on = q[:, :1].view(-1, 1, 1, 1) > 0 if q.shape[1] else None
         if kind == "crop":
-            x = resized_crop(src, q[:, :4], q[:, 4:6], t.size[0],
+            x = resized_crop(src, q[:, :4], q[:, 4:6], placed, t.size[0],
                              cubic=t.interpolation == v2.InterpolationMode.BICUBIC)
         elif kind == "jitter":
             x = jitter(x, q)
@@ -228,7 +235,8 @@ class DeviceViews:
         self.worker = (Source(source), *(Params(t) for t in transforms))
 
     def __call__(self, batch, device, memory_format=torch.contiguous_format):
-        src, *params = batch
-        src = src.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)  # (B, 3, S, S)
-        return [apply(v, src, p.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
+        (src, placed), *params = batch
+        src = src.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)  # (B, 3, L, L)
+        placed = placed.to(device, non_blocking=True)
+        return [apply(v, src, placed, p.to(device, non_blocking=True)).contiguous(memory_format=memory_format)
                 for v, p in zip(self.view_ops, params)]

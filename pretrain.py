@@ -258,9 +258,9 @@ def main(
     knn_every: Annotated[int, typer.Option(
         help="kNN top-1 of the online backbone every N epochs on labelled local data (0 = off).")] = 0,
     augment_on: Annotated[AugmentOn, typer.Option(
-        help="cpu: the DataLoader workers augment. device: they only decode, resize to a (2 x --image-size)^2 source "
-             "and draw each view's parameters (same recipe and seeds); crops, jitter, blur, solarize, flip and "
-             "normalisation run batched on the accelerator (gpu_augment.py; ~4x less CPU per image).")
+        help="cpu: the DataLoader workers augment. device: they only decode, place the image in a fixed canvas "
+             "(512 px at 224) and draw each view's parameters (same recipe and seeds); crops, jitter, blur, solarize, "
+             "flip and normalisation run batched on the accelerator (gpu_augment.py, docs/benchmarks.md).")
     ] = AugmentOn.cpu,
     workers: Annotated[Optional[int], typer.Option(
         help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
@@ -329,7 +329,7 @@ def main(
         runs.load_scaler(acc.scaler, tensors)
     with user_errors():
         transforms = augmentations(r["aug"], image_size) + small_crops(r["aug"], multi_crop_size, multi_crop)
-        on_dev = gpu_augment.DeviceViews(transforms, 2 * image_size) if augment_on.value == "device" else None
+        on_dev = gpu_augment.DeviceViews(transforms, 16 * image_size // 7) if augment_on.value == "device" else None
         loader = loader_for(ds, n, streaming, image_column, on_dev.worker if on_dev else transforms, B,
                             acc.process_index, world, seed, step, stop, workers, pin=acc.device.type == "cuda",
                             stream_state=tensors.get("data.stream"))

@@ -35,20 +35,21 @@ def floats(b, h, w, seed=0):
 @pytest.mark.parametrize("cubic", [False, True])
 def test_resized_crop_matches_torchvision(cubic):
     """Integer boxes on a source the size of the original (up- and downscaling, edges): equal to
-    v2.functional.resized_crop (antialias) to float rounding; and a box on a 2x taller original maps onto the
-    S x S source."""
+    v2.functional.resized_crop (antialias) to float rounding; and a box on an original twice the size of its place
+    in the source maps onto it."""
     mode = v2.InterpolationMode.BICUBIC if cubic else v2.InterpolationMode.BILINEAR
     x = floats(5, 48, 48)
     boxes = torch.tensor([[0, 0, 48, 48], [3, 7, 11, 30], [20, 0, 28, 17], [40, 44, 8, 4], [1, 2, 45, 46]],
                          dtype=torch.float64)
-    out = ga.resized_crop(x, boxes, torch.full((5, 2), 48.0, dtype=torch.float64), 24, cubic)
+    full = torch.full((5, 2), 48)
+    out = ga.resized_crop(x, boxes, full.double(), full, 24, cubic)
     for b in range(5):
         ref = TF.resized_crop(x[b], *map(int, boxes[b]), [24, 24], mode, antialias=True).clamp(0, 1)
         torch.testing.assert_close(out[b], ref, atol=2e-6, rtol=0)
     tall = ga.resized_crop(x[:1], torch.tensor([[10.0, 6, 40, 20]], dtype=torch.float64),
-                           torch.tensor([[96.0, 48]], dtype=torch.float64), 24, cubic)
-    torch.testing.assert_close(tall[0], TF.resized_crop(x[0], 5, 6, 20, 20, [24, 24], mode).clamp(0, 1), atol=2e-6,
-                               rtol=0)
+                           torch.tensor([[96.0, 48]], dtype=torch.float64), torch.tensor([[48, 24]]), 24, cubic)
+    torch.testing.assert_close(tall[0], TF.resized_crop(x[0, :, :48, :24], 5, 3, 20, 10, [24, 24], mode).clamp(0, 1),
+                               atol=2e-6, rtol=0)
 
 
 def test_colour_ops_match_torchvision():
@@ -92,7 +93,7 @@ def test_same_seed_gives_the_cpu_pipelines_views(name):
     """Under the same per-image seed, every view (and a multi-crop view) of the device pipeline is the CPU
     pipeline's view, up to uint8 rounding between PIL's ops (PIL's 8-bit HSV makes hue the largest part); with the
     seeds of other images the same check fails by far."""
-    img, size = photo(64, 64), 32  # a source of the original's size: no resize in between
+    img, size = photo(48, 64), 32  # smaller than the canvas: no resize in between
     ts = augmentations(name, size) + small_crops(name, 16, 1)
     dv = ga.DeviceViews(ts, 64)
     worst, other = 0.0, math.inf
@@ -103,8 +104,8 @@ def test_same_seed_gives_the_cpu_pipelines_views(name):
         for j in (i, i + 100):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(sample_seed(0, 0, j))
-                src, *params = [t(img) for t in dv.worker]
-            dev = dv([src[None], *(p[None] for p in params)], "cpu")
+                (src, placed), *params = [t(img) for t in dv.worker]
+            dev = dv([(src[None], placed[None]), *(p[None] for p in params)], "cpu")
             diff = max(float(((c - d[0]) * torch.tensor(STD).view(3, 1, 1)).abs().mean()) for c, d in zip(cpu, dev))
             worst, other = (max(worst, diff), other) if j == i else (worst, min(other, diff))
     assert worst < 5 / 255 and other > 4 * worst, (worst, other)
