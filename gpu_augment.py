@@ -1,6 +1,7 @@
 """Augmentation on the accelerator (pretrain.py --augment-on device). The DataLoader workers only decode, copy each
-image into one fixed L x L uint8 canvas (scaled down only if larger) and draw every view's random parameters; the crops, colour jitter, grayscale,
-Gaussian blur, solarize, flip and normalisation then run batched on the device, in pure torch.
+image into one fixed L x L uint8 canvas (scaled down only if larger) and draw every view's random parameters; the
+crops, colour jitter, grayscale, Gaussian blur, solarize, flip and normalisation then run batched on the device, in
+pure torch.
 
 The parameters are drawn by the CPU pipeline's own transform objects (data.augmentations), with the same torch RNG
 calls in the same order, so under a per-image seed (data.Views) a view gets exactly the crop box, jitter factors and

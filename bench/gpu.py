@@ -17,7 +17,7 @@ import typer
 
 import fastmoco as fm
 import gpu_augment
-from bench.common import interleaved, markdown, setup, timed
+from bench.common import interleaved, markdown, setup
 from bench.data_pipeline import Files, jpegs
 from data import Views, augmentations
 
@@ -96,7 +96,8 @@ def loader_rows(size, source, images, workers, batch, device, batches) -> list:
         t0 = time.perf_counter()
         for _ in range(batches):
             last = next(it)
-        rows.append({"pipeline": name, "workers": workers, "img/s": f"{batches * batch / (time.perf_counter() - t0):.1f}"})
+        rate = batches * batch / (time.perf_counter() - t0)
+        rows.append({"pipeline": name, "workers": workers, "img/s": f"{rate:.1f}"})
     t = interleaved({"aug": lambda: on_dev(last[:-1], device)}, 5, 2, device)["aug"]
     rows.append({"pipeline": f"device side of --augment-on device ({device})", "workers": "-",
                  "img/s": f"{batch / t:.1f}"})
