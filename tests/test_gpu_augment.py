@@ -108,7 +108,7 @@ def test_same_seed_gives_the_cpu_pipelines_views(name):
             dev = dv([(src[None], placed[None]), *(p[None] for p in params)], "cpu")
             diff = max(float(((c - d[0]) * torch.tensor(STD).view(3, 1, 1)).abs().mean()) for c, d in zip(cpu, dev))
             worst, other = (max(worst, diff), other) if j == i else (worst, min(other, diff))
-    assert worst < 5 / 255 and other > 4 * worst, (worst, other)
+    assert worst < 3 / 255 and other > 10 * worst, (worst, other)  # measured: <= 2.5/255 vs >= 58/255
 
 
 def test_same_seed_same_batch_through_the_loader():
