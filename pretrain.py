@@ -22,6 +22,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
+import gpu_augment
 import runs
 import variants as vr
 from data import augmentations, loader_for, pretrain_data, sample_seed, small_crops
@@ -36,6 +37,7 @@ Method = Enum("Method", {m: m for m in RECIPES["imagenet"]}, type=str)
 Recipe = Enum("Recipe", {r: r for r in RECIPES}, type=str)
 Pipeline = Enum("Pipeline", {p: p for p in vr.PIPELINES}, type=str)  # Table 4a, in the paper's words
 Combine = Enum("Combine", {c: c for c in vr.COMBINES}, type=str)
+AugmentOn = Enum("AugmentOn", {a: a for a in ("cpu", "device")}, type=str)
 
 
 def fail(msg):
@@ -265,6 +267,11 @@ def main(
     knn_bank_size: Annotated[int, typer.Option(
         help="kNN bank: this many train images (seeded, class-balanced; the same at every evaluation) instead of "
              "the whole split (0). For ImageNet, e.g. 100 per class: --knn-bank-size 100000.")] = 0,
+    augment_on: Annotated[AugmentOn, typer.Option(
+        help="cpu: the DataLoader workers augment. device: they only decode, place the image in a fixed canvas "
+             "(512 px at 224) and draw each view's parameters (same recipe and seeds); crops, jitter, blur, solarize, "
+             "flip and normalisation run batched on the accelerator (gpu_augment.py, docs/benchmarks.md).")
+    ] = AugmentOn.cpu,
     workers: Annotated[Optional[int], typer.Option(
         help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
     image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
@@ -334,9 +341,11 @@ def main(
     if point is not None:
         runs.load_scaler(acc.scaler, tensors)
     with user_errors():
-        loader = loader_for(ds, n, streaming, image_column, augmentations(r["aug"], image_size) +
-                            small_crops(r["aug"], multi_crop_size, multi_crop), B, acc.process_index, world, seed,
-                            step, stop, workers, pin=acc.device.type == "cuda", stream_state=tensors.get("data.stream"))
+        transforms = augmentations(r["aug"], image_size) + small_crops(r["aug"], multi_crop_size, multi_crop)
+        on_dev = gpu_augment.DeviceViews(transforms, 16 * image_size // 7) if augment_on.value == "device" else None
+        loader = loader_for(ds, n, streaming, image_column, on_dev.worker if on_dev else transforms, B,
+                            acc.process_index, world, seed, step, stop, workers, pin=acc.device.type == "cuda",
+                            stream_state=tensors.get("data.stream"))
     cursor = getattr(loader, "cursor", None)  # streaming: where each worker is, saved for an exact resume
     batches = one_line_errors(iter(loader))  # iter() draws the workers' base seed from the torch RNG: restore
     if point is not None:  # the saved state after it
@@ -358,7 +367,7 @@ def main(
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     with progress:
         task = progress.add_task(f"{method.value} {arch}", total=stop, completed=step, info="")
-        for i, (x1, x2, *small, info) in enumerate(batches, cursor.first if cursor else step):
+        for i, (*xs, info) in enumerate(batches, cursor.first if cursor else step):
             if cursor:
                 cursor.update(i, info)
             if i < step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
@@ -367,7 +376,8 @@ def main(
                 break
             bad += int(info[:, 0].sum())
             snap = runs.snapshot(target, online) if skip_nonfinite else None  # EMA, BN stats: rolled back on a skip
-            views = [x.to(acc.device, non_blocking=True, memory_format=fmt) for x in (x1, x2, *small)]
+            views = on_dev(xs, acc.device, fmt) if on_dev else [x.to(acc.device, non_blocking=True,
+                                                                     memory_format=fmt) for x in xs]
             lr_now, m = schedules(step, total, per_epoch, base_lr, r)
             loss, ptr, applied = train_step(model, online, target, optimizer, queue, ptr, views, step, lr_now, m,
                                             loss_fn, r["clip_grad"], skip_nonfinite, acc)

@@ -10,15 +10,20 @@ import fastmoco as fm
 
 
 def setup(method, arch, image_size, batch, device="cpu", precision="bf16", channels_last=True, small_stem=False,
-          recipe="imagenet", grid=2, k=2, seed=0):
+          recipe="imagenet", grid=2, k=2, seed=0, compile_backend=None, queue_size=4096):
     """(step, floor, parts) closures on one fixed random batch of two views (the data pipeline is bench/data_pipeline.py).
     step: one optimisation step of `method` as in pretrain.py's loop (no host sync).
     floor: the backbone work the step cannot avoid: online forward+backward on the views (Fast-MoCo: on the patches),
     target backbone forward on the full views; no heads, loss, EMA or optimizer.
-    parts: {name: closure} pieces of the step timed alone (EMA, optimizer step, divide+combine)."""
+    parts: {name: closure} pieces of the step timed alone (EMA, optimizer step, divide+combine).
+    MoCo v1/v2: a queue of queue_size keys and split BN (8 groups), as pretrain.py runs them on one process.
+    compile_backend: torch.compile the two encoders with this backend (e.g. inductor)."""
     r = (fm.RECIPES if recipe == "imagenet" else fm.SMALL_RECIPES)[method]  # optimizer, lr, clip, momentum, tau
     torch.manual_seed(seed)
     model = fm.OnlineEncoder(method, arch, small_stem, grid, k)
+    queued = method in ("mocov1", "mocov2")
+    if queued:
+        fm.split_bn(model.backbone, next(s for s in (8, 4, 2, 1) if batch % s == 0 and batch // s >= 8 or s == 1))
     target = fm.target_encoder(model)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model.to(device, memory_format=fmt)
@@ -29,12 +34,14 @@ def setup(method, arch, image_size, batch, device="cpu", precision="bf16", chann
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     autocast = lambda: torch.autocast(torch.device(device).type, dtype, enabled=dtype is not None)  # noqa: E731
     scaler = torch.amp.GradScaler(torch.device(device).type, enabled=precision == "fp16")
-    loss_fn = fm.fastmoco_loss if method == "fastmoco" else fm.mocov3_loss
+    queue, ptr, g = fm.make_queue(queue_size, 128, device) if queued else None, [0], torch.Generator().manual_seed(seed)
+    net, tnet = ((torch.compile(model, backend=compile_backend), torch.compile(target, backend=compile_backend))
+                 if compile_backend else (model, target))
 
     def step():
         fm.ema_update(target, model, r["momentum"])
         with autocast():
-            loss = loss_fn(model, target, x1, x2, r["tau"])
+            loss, keys = fm.step_loss(method, net, tnet, x1, x2, r["tau"], queue, g)
         opt.zero_grad(set_to_none=True)
         scaler.scale(loss).backward()
         if r["clip_grad"]:
@@ -42,6 +49,8 @@ def setup(method, arch, image_size, batch, device="cpu", precision="bf16", chann
             torch.nn.utils.clip_grad_norm_(model.parameters(), r["clip_grad"])
         scaler.step(opt)
         scaler.update()
+        if queued:
+            ptr[0] = fm.enqueue(queue, ptr[0], keys)
 
     views = (lambda x: fm.divide(x, grid)) if method == "fastmoco" else (lambda x: x)
 

@@ -1,5 +1,6 @@
 """Data pipeline: decoded + two-view-augmented images per second on ONE CPU core at 224 px, pretrain.py's pipeline
-(data.Views: JPEG bytes -> PIL -> both views, seeded per image) vs the same augmentation in plain torchvision.
+(data.Views: JPEG bytes -> PIL -> both views, seeded per image) vs the same augmentation in plain torchvision, and the
+worker part of --augment-on device (decode, copy into the (16/7 x size)^2 canvas, draw both views' parameters).
 
     python -m bench.data_pipeline                          # 500x375 JPEGs (a typical ImageNet image)
     python -m bench.data_pipeline --source-size 1000x750   # large JPEGs, where PIL's draft mode can decode at 1/2 scale
@@ -8,6 +9,7 @@ The JPEGs are synthetic (smooth colour fields, shapes and sensor-like noise, qua
 photo); no dataset needed. A loader with W workers feeds about W x the img/s below (one core each, main process aside).
 """
 
+import functools
 import io
 import time
 from typing import Annotated
@@ -20,6 +22,7 @@ from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
 import data
+import gpu_augment
 from bench.common import markdown
 from data import MEAN, STD, Views, augmentations
 
@@ -113,6 +116,9 @@ def main(
         files, "image", augmentations("mocov3", size), 0)
     fm_before = Views(files, "image", with_torchvision_blur("fastmoco", size), 0)
     plain = plain_fastmoco(size)
+    canvas = 16 * size // 7  # pretrain.py's --augment-on device
+    on_dev = {name: Views(files, "image", gpu_augment.DeviceViews(augmentations(name, size), canvas).worker, 0)
+              for name in ("fastmoco", "mocov3")}
     pipelines = {
         "decode (PIL)": lambda i: files[i]["image"].convert("RGB"),
         f"decode, PIL draft mode (sides >= {size} px)": lambda i: decode_draft(blobs[i], size),
@@ -120,6 +126,9 @@ def main(
         "data.Views, MoCo v3 aug (pretrain.py)": lambda i: v3_views[(0, i)],
         "data.Views, Fast-MoCo aug, torchvision's k x k blur": lambda i: fm_before[(0, i)],
         "torchvision.transforms v1, Fast-MoCo aug": lambda i: two(plain, files[i]["image"].convert("RGB")),
+        **{f"data.Views, --augment-on device worker, {label} ({canvas}^2 canvas)": functools.partial(
+            lambda name, i: on_dev[name][(0, i)], name) for name, label in (("fastmoco", "Fast-MoCo"),
+                                                                            ("mocov3", "MoCo v3"))},
     }
     rows = [{"pipeline": name, "source": src, "img/s/core": f"{r:.1f}", "ms/img": f"{1e3 / r:.2f}"}
             for name, r in rates(pipelines, images, rounds).items()]

@@ -48,8 +48,9 @@ def test_data_pipeline_table():
     out = bench("data_pipeline.py", "--images", 2, "--rounds", 1, "--size", 32, "--source-size", "96x64")
     columns, rows = table(out)
     assert columns == ["pipeline", "source", "img/s/core", "ms/img"]
-    assert len(rows) == 6 and all(r["source"] == "96x64 JPEG" and float(r["img/s/core"]) > 0 for r in rows)
+    assert len(rows) == 8 and all(r["source"] == "96x64 JPEG" and float(r["img/s/core"]) > 0 for r in rows)
     assert any(r["pipeline"].startswith("data.Views, Fast-MoCo") for r in rows)
+    assert any(r["pipeline"].startswith("data.Views, --augment-on device worker, MoCo v3 (73^2") for r in rows)
 
 
 @pytest.mark.slow

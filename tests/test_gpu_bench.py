@@ -1,0 +1,64 @@
+"""bench/gpu.py (bench/gpu.sh's measurement): its CPU smoke mode prints the tables; its foreach LARS is
+fastmoco.LARS."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastmoco as fm
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_foreach_lars_equals_the_loop():
+    """Five steps on a model with 1-D and n-D parameters, one of them with no gradient and one all zero (the trust
+    ratio's guards): the same parameters and momentum buffers as fastmoco.LARS."""
+    from bench.gpu import ForeachLARS
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.Linear(5, 2))
+            for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    for net in nets:
+        net[2].bias.requires_grad_(False)
+        torch.nn.init.zeros_(net[2].weight)
+    opts = [fm.LARS(nets[0].parameters(), lr=0.5, weight_decay=1e-2),
+            ForeachLARS(nets[1].parameters(), lr=0.5, weight_decay=1e-2)]
+    for s in range(5):
+        grads = [torch.randn_like(p) for p in nets[0].parameters()]
+        for net, opt in zip(nets, opts):
+            for p, g in zip(net.parameters(), grads):
+                p.grad = None if not p.requires_grad else g.clone()
+            opt.step()
+    for a, b in zip(nets[0].parameters(), nets[1].parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    assert not torch.equal(nets[0][0].weight, nets[1][0].weight * 0)
+
+
+@pytest.mark.slow
+def test_gpu_bench_quick_mode_prints_its_tables():
+    p = subprocess.run([sys.executable, "-m", "bench.gpu", "--quick", "--compile-backend", "eager", "--workers", "1"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    heads = [line for line in p.stdout.splitlines() if line.startswith("| ") and "---" not in line]
+    assert heads[0] == "| method | torch.compile | step_ms | img/s | peak_MiB |"
+    assert [h.split(" | ")[0:2] for h in heads[1:5]] == [["| fastmoco", "off"], ["| mocov3", "off"],
+                                                         ["| mocov2", "off"], ["| fastmoco", "eager"]]
+    assert "Fast-MoCo / MoCo v3 step time:" in p.stdout and "| ForeachLARS | " in p.stdout
+    assert "| --augment-on device workers | 1 | " in p.stdout
+    assert "| CPU pipeline (data.augmentations) | 1 |" in p.stdout
+    assert "device side of --augment-on device (cpu)" in p.stdout
+
+
+@pytest.mark.slow
+def test_gpu_bench_without_cuda_says_what_to_do():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here")
+    p = subprocess.run([sys.executable, "-m", "bench.gpu"], capture_output=True, text=True, cwd=ROOT, timeout=120,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 1 and "--quick" in p.stderr.strip().splitlines()[-1]
