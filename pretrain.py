@@ -65,9 +65,8 @@ def one_line_errors(batches, rank, output_dir):
         fail(e)
     except Exception as e:
         traceback.print_exc()
-        first = (str(e).strip().splitlines() or [""])[0].rstrip(": ")
-        fail(f"the data loader of process {rank} failed ({type(e).__name__}: {first}); fix the data and rerun the "
-             f"same command: it resumes from the last checkpoint in {output_dir}")
+        fail(f"the data loader of process {rank} failed ({type(e).__name__}: {runs.first_line(e)}); fix the data "
+             f"and rerun the same command: it resumes from the last checkpoint in {output_dir}")
 
 
 # ----------------------------------------------------------------------------- the algorithm of one step

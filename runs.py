@@ -317,6 +317,12 @@ class FailureWatch(threading.Thread):
             return True
 
 
+def first_line(e: Exception) -> str:
+    """The first line of an exception's message, printable (a corrupt file's bytes can reach it)."""
+    line = (str(e).strip().splitlines() or [""])[0]
+    return "".join(c if c.isprintable() else " " for c in line).strip().rstrip(":")
+
+
 def leave_together(main):
     """Decorator of a script's main: when one process fails (a full disk under the main process's save, an exception
     in one process's data loader, out of memory), every process exits within seconds with that one-line error.
@@ -342,9 +348,8 @@ def leave_together(main):
             if not (dist.is_initialized() and dist.get_world_size() > 1):
                 raise
             traceback.print_exc()
-            first = (str(e).strip().splitlines() or [""])[0]
-            watch.post(f"error: process {dist.get_rank()} failed ({type(e).__name__}: {first}); its traceback is "
-                       "above in its output; rerun the same command: it resumes from the last checkpoint")
+            watch.post(f"error: process {dist.get_rank()} failed ({type(e).__name__}: {first_line(e)}); its traceback "
+                       "is above in its output; rerun the same command: it resumes from the last checkpoint")
             raise SystemExit(1) from None
         finally:
             watch.done.set()
