@@ -326,6 +326,8 @@ def main(
 
     # 4. resume: model, target, optimizer, queue, loss scaler, data position, RNG
     ptr, step, skipped = runs.load_state(*point[1:], model, target, optimizer, queue) if point else (0, 0, 0)
+    with user_errors():
+        runs.check_same_start(acc, step)  # several machines: all of them found the same checkpoint
     tensors = point[1] if point else {}
     model, optimizer = acc.prepare(model, optimizer)  # DDP: the momentum encoder has no trainable params, not prepared
     online = acc.unwrap_model(model)

@@ -254,6 +254,16 @@ def log_knn(acc, log, step, per_epoch, backbone, knn_data, column, size, window)
 
 # ----------------------------------------------------------------------------- several processes: fail together
 
+def check_same_start(acc, step: int):
+    """Every process must continue from the same step. Each one looks for the checkpoint in --output-dir itself, so on
+    several machines that folder has to be one they all share."""
+    steps = acc.gather(torch.tensor([step], device=acc.device)).tolist()
+    if len(set(steps)) > 1:
+        raise ValueError(f"the processes would start from different steps ({', '.join(map(str, steps))}, by process): "
+                         "on several machines --output-dir must be a folder all of them share (NFS, Lustre), under "
+                         "the same path")
+
+
 POLL, GRACE = 1.0, 10.0  # seconds: how often each process looks for a failure; how long a failing one waits
 
 

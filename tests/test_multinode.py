@@ -20,7 +20,7 @@ TINY = ["--arch", "resnet18", "--image-size", "32", "--no-small-stem", "--worker
         "--no-tensorboard"]
 
 
-def launch(port, script, *args, machines=1, preexec_fn=None, timeout=300):
+def launch(port, script, *args, machines=1, machine_args=None, preexec_fn=None, timeout=300):
     """`accelerate launch SCRIPT ARGS`, 2 CPU processes in all: one launcher (machines=1) or two launchers of one
     process each (machines=2) -> [(returncode, stdout, stderr)] per launcher. Accelerate's --num_processes is the
     total over all machines; ACCELERATE_USE_CPU=1 with --multi_gpu is what starts gloo processes on CPU (--cpu
@@ -31,7 +31,7 @@ def launch(port, script, *args, machines=1, preexec_fn=None, timeout=300):
         node = ["--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"] if machines > 1 else []
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                "--num_machines", str(machines), *node, "--main_process_port", str(port), "--mixed_precision", "no",
-               "--dynamo_backend", "no", str(script), *map(str, args)]
+               "--dynamo_backend", "no", str(script), *map(str, args), *map(str, (machine_args or {}).get(rank, []))]
         procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True, preexec_fn=preexec_fn))
     try:  # a bound far below the collective timeout (gloo: 30 min), to catch a hang, not to time the run
@@ -78,6 +78,11 @@ def test_two_machine_run_resumes_exactly(data, tmp_path):
     tensors, meta = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
     assert meta["world_size"] == 2 and meta["step"] == 6
     assert_same_run(tmp_path / "full", tmp_path / "part")
+    results = launch(29816, ROOT / "pretrain.py", *args, "--max-steps", 8, machines=2,
+                     machine_args={0: ["--output-dir", tmp_path / "part"], 1: ["--output-dir", tmp_path / "other"]})
+    for rc, _, err in results:
+        assert rc != 0 and error_lines(err, "would start from different steps (6, 0, by process)"), err[-4000:]
+    assert fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")[1]["step"] == 6
 
 
 # ----------------------------------------------------------------------------- failures on several processes
