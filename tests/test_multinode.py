@@ -4,6 +4,7 @@ machine play two machines of one process each (--num_machines 2, --machine_rank 
 
 import os
 import re
+import resource
 import struct
 import subprocess
 import sys
@@ -75,7 +76,7 @@ def test_two_machine_run_resumes_exactly(data, tmp_path):
     check(launch(29813, ROOT / "pretrain.py", *args, "--max-steps", 6, "--output-dir", tmp_path / "full", machines=2))
     check(launch(29814, ROOT / "pretrain.py", *args, "--max-steps", 2, "--output-dir", tmp_path / "part", machines=2))
     check(launch(29815, ROOT / "pretrain.py", *args, "--max-steps", 6, "--output-dir", tmp_path / "part", machines=2))
-    tensors, meta = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
+    _, meta = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
     assert meta["world_size"] == 2 and meta["step"] == 6
     assert_same_run(tmp_path / "full", tmp_path / "part")
     results = launch(29816, ROOT / "pretrain.py", *args, "--max-steps", 8, machines=2,
@@ -102,7 +103,6 @@ def test_full_disk_on_the_main_process_stops_every_process(data, tmp_path):
     before = ckpt.read_bytes()
 
     def limit():  # in the launcher before exec, inherited by both processes; only the main process writes files
-        import resource
         resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) // 2, len(before) // 2))
 
     [(rc, out, err)] = launch(29822, ROOT / "pretrain.py", *args, "--max-steps", 4, preexec_fn=limit)
