@@ -11,6 +11,7 @@ import contextlib
 import functools
 import math
 import os
+import traceback
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -55,11 +56,19 @@ def user_errors():
         fail(e)
 
 
-def one_line_errors(batches):
-    """Yield from the iterator `batches`, a ValueError of the data (no decodable image) as the one-line error; the
-    exceptions of the loop body that consumes them never pass through here."""
-    with user_errors():
+def one_line_errors(batches, rank, output_dir):
+    """Yield from the iterator `batches`: a ValueError of the data (no decodable image) as its one-line error, any
+    other exception of the loader (an unreadable shard, a dead worker) after its traceback as a one-line error that
+    names the process (runs.leave_together passes it to the others). The exceptions of the loop body that consumes
+    the batches never pass through here."""
+    try:
         yield from batches
+    except ValueError as e:
+        fail(e)
+    except Exception as e:
+        traceback.print_exc()
+        fail(f"the data loader of process {rank} failed ({type(e).__name__}: {runs.first_line(e)}); fix the data "
+             f"and rerun the same command: it resumes from the last checkpoint in {output_dir}")
 
 
 # ----------------------------------------------------------------------------- the algorithm of one step
@@ -183,9 +192,11 @@ def save(acc, path, online, target, optimizer, queue, ptr, cursor, meta, keep):
             fail(f"{e}; free disk space and rerun the same command: it resumes from the last checkpoint in "
                  f"{path.parent}, which is intact")
         runs.rotate(path.parent, keep)
+    acc.wait_for_everyone()  # if the write fails, the others are still here to leave with its error (not exiting 0)
 
 
 @app.command()
+@runs.leave_together  # one process fails (full disk, a data loader): all exit at once with its one-line error
 def main(
     data: Annotated[str, typer.Option(help="Hub dataset name (streamed), local folder of parquet files / images, "
                                            "a saved dataset, or 'demo' (built-in, no download).")
@@ -335,6 +346,8 @@ def main(
 
     # 4. resume: model, target, optimizer, queue, loss scaler, data position, RNG
     ptr, step, skipped = runs.load_state(*point[1:], model, target, optimizer, queue) if point else (0, 0, 0)
+    with user_errors():
+        runs.check_same_start(acc, step)  # several machines: all of them found the same checkpoint
     tensors = point[1] if point else {}
     model, optimizer = acc.prepare(model, optimizer)  # DDP: the momentum encoder has no trainable params, not prepared
     online = acc.unwrap_model(model)
@@ -347,8 +360,9 @@ def main(
                             acc.process_index, world, seed, step, stop, workers, pin=acc.device.type == "cuda",
                             stream_state=tensors.get("data.stream"))
     cursor = getattr(loader, "cursor", None)  # streaming: where each worker is, saved for an exact resume
-    batches = one_line_errors(iter(loader))  # iter() draws the workers' base seed from the torch RNG: restore
-    if point is not None:  # the saved state after it
+    # iter() draws the workers' base seed from the torch RNG: restore the saved state after it
+    batches = one_line_errors(iter(loader), acc.process_index, output_dir)
+    if point is not None:
         torch.set_rng_state(tensors["rng.torch"])
 
     # 5. train

@@ -66,4 +66,4 @@ assert torch.allclose(mean_loss, ref_loss, rtol=1e-5, atol=1e-6), (mean_loss.ite
 for (name, p), r in zip(model.named_parameters(), ref.parameters()):
     if r.grad is not None or p.grad is not None:
         assert torch.allclose(p.grad, r.grad, rtol=1e-3, atol=1e-6), f"gradient of {name} differs"
-print(f"OK rank {rank} {method} loss {mean_loss.item():.6f} == {ref_loss.item():.6f}")
+print(f"OK rank {rank} local {acc.local_process_index} world {world} {method} loss {mean_loss.item():.6f} == {ref_loss.item():.6f}")

@@ -214,18 +214,27 @@ def test_seed_and_a_finer_grid(parquet, tmp_path):
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in read_log(tmp_path / "g"))
 
 
-def test_data_errors_become_one_line_errors_but_the_loop_body_keeps_its_own():
+def test_data_errors_become_one_line_errors_but_the_loop_body_keeps_its_own(capsys):
     """data.py raises ValueError (e.g. no decodable image, inside the loader); pretrain.py ends with its one-line
-    message, while a ValueError of the training step itself keeps its traceback."""
+    message. Any other exception of the loader (an unreadable shard) becomes a one-line error naming the process,
+    after its traceback. An exception of the training step itself keeps its traceback."""
     import pretrain
 
-    def loader():
+    def loader(error):
         yield 1
-        raise ValueError("no image of the dataset can be decoded")
+        raise error
 
     with pytest.raises(SystemExit, match="^error: no image of the dataset can be decoded$"):
-        for _ in pretrain.one_line_errors(loader()):
+        for _ in pretrain.one_line_errors(loader(ValueError("no image of the dataset can be decoded")), 0, "DIR"):
             pass
-    with pytest.raises(ValueError, match="a bug in the step"):
-        for _ in pretrain.one_line_errors(loader()):
-            raise ValueError("a bug in the step")
+    shard = OSError("Couldn't deserialize thrift: don't know what type: \x0f\nDeserializing page header failed.")
+    with pytest.raises(SystemExit, match=r"^error: the data loader of process 1 failed \(OSError: Couldn't "
+                                         r"deserialize thrift: don't know what type\); fix the data and rerun the "
+                                         r"same command: it resumes from the last checkpoint in DIR$"):
+        for _ in pretrain.one_line_errors(loader(shard), 1, "DIR"):
+            pass
+    assert "Traceback" in capsys.readouterr().err and "Deserializing page header failed" in shard.args[0]
+    for error in (ValueError("a bug in the step"), OSError("a bug in the step")):
+        with pytest.raises(type(error), match="a bug in the step"):
+            for _ in pretrain.one_line_errors(loader(ValueError("unused")), 0, "DIR"):
+                raise error
