@@ -195,6 +195,31 @@ def save(acc, path, online, target, optimizer, queue, ptr, cursor, meta, keep):
     acc.wait_for_everyone()  # if the write fails, the others are still here to leave with its error (not exiting 0)
 
 
+def at_step(meta, step, per_epoch, skipped, window) -> dict:
+    """A checkpoint's metadata: the run's, and where it stands."""
+    return dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped, train_seconds=window.seconds())
+
+
+def log_row(acc, log, window, step, per_epoch, B, seen, bad, skipped, lr, m, skip_nonfinite, max_bad_fraction,
+            output_dir) -> str:
+    """Close the log window at `step` (a host sync): check the loss and bad images, write the row, return its text."""
+    mean, ips = window.read(step, B)
+    if not math.isfinite(mean) and not skip_nonfinite:  # checked before any save: no NaN on disk
+        fail(f"loss is {mean} at step {step}; the last checkpoint in {output_dir} is intact (rerun "
+             "the same command with a lower --lr, or --skip-nonfinite)")
+    with user_errors():
+        bad_all = runs.check_bad_images(acc, bad, seen, max_bad_fraction)
+    runs.record(acc, log, step, per_epoch, dict(loss=mean, lr=lr, m=m, img_per_s=round(ips, 1), skipped_steps=skipped,
+                                                bad_images=bad_all, train_seconds=round(window.seconds(), 2)))
+    window.reset(step)
+    return f"loss {mean:.4f} lr {lr:.3g} m {m:.4f} {ips:.0f} img/s"
+
+
+def closing_line(path, step, total, seconds, knn) -> str:
+    knn_text = f"; kNN top-1 {knn[0]:.1f}% at the start -> {knn[-1]:.1f}% at the end" if len(knn) > 1 else ""
+    return f"wrote {path} (step {step}/{total}, {seconds / 60:.1f} min of training){knn_text}"
+
+
 @app.command()
 @runs.leave_together  # one process fails (full disk, a data loader): all exit at once with its one-line error
 def main(
@@ -402,38 +427,25 @@ def main(
                 skipped, window.skipped = skipped + 1, window.skipped + 1
             step += 1
             if step % log_every == 0 or step == stop or (save_every and step % save_every == 0):  # host syncs
-                mean, ips = window.read(step, B)
-                if not math.isfinite(mean) and not skip_nonfinite:  # checked before any save: no NaN on disk
-                    fail(f"loss is {mean} at step {step}; the last checkpoint in {output_dir} is intact (rerun "
-                         "the same command with a lower --lr, or --skip-nonfinite)")
-                with user_errors():
-                    bad_all = runs.check_bad_images(acc, bad, max(step * B, n), max_bad_fraction)
-                runs.record(acc, log, step, per_epoch, dict(loss=mean, lr=lr_now, m=m, img_per_s=round(ips, 1),
-                                                            skipped_steps=skipped, bad_images=bad_all,
-                                                            train_seconds=round(window.seconds(), 2)))
-                progress.update(task, info=f"loss {mean:.4f} lr {lr_now:.3g} m {m:.4f} {ips:.0f} img/s")
-                window.reset(step)
+                progress.update(task, info=log_row(acc, log, window, step, per_epoch, B, max(step * B, n), bad,
+                                                   skipped, lr_now, m, skip_nonfinite, max_bad_fraction, output_dir))
             progress.update(task, completed=step)
             if knn_every and step % (knn_every * per_epoch) == 0:
                 knn.append(runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
                                         image_size, window, knn_bank_size, seed, workers))
             if save_every and step % save_every == 0 and step < stop:
                 save(acc, output_dir / f"ckpt-{step:07d}.safetensors", online, target, optimizer, queue, ptr, cursor,
-                     dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped,
-                          train_seconds=window.seconds()), keep)
+                     at_step(meta, step, per_epoch, skipped, window), keep)
             if step >= stop:
                 break
 
     # 6. the final checkpoint
     save(acc, output_dir / "ckpt.safetensors", online, target, optimizer, queue, ptr, cursor,
-         dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped,
-                          train_seconds=window.seconds()), keep)
+         at_step(meta, step, per_epoch, skipped, window), keep)
     acc.end_training()
     if log:
         log.close()
-    acc.print(f"wrote {output_dir / 'ckpt.safetensors'} (step {step}/{total}, {window.seconds() / 60:.1f} min of "
-              "training)" + (f"; kNN top-1 {knn[0]:.1f}% at the start -> {knn[-1]:.1f}% at the end" if len(knn) > 1
-                             else ""))
+    acc.print(closing_line(output_dir / "ckpt.safetensors", step, total, window.seconds(), knn))
 
 
 if __name__ == "__main__":
