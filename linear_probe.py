@@ -178,6 +178,27 @@ def augmented_batches(backbone, loader, steps, acc):
         yield f.float(), b["y"].to(acc.device)
 
 
+def train_epoch(fc, optimizer, batches, step, total, base_lr, acc, progress, task) -> tuple:
+    """One epoch of the classifier on (features, labels) batches, lr per iteration. -> (step, last loss)."""
+    for f, y in batches:
+        fm.set_lr(optimizer, fm.lr_at(step, total, base_lr))
+        loss = F.cross_entropy(fc(f), y)
+        optimizer.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        optimizer.step()
+        step += 1
+        progress.update(task, completed=step)
+    return step, loss
+
+
+def evaluate(clf, val_f, val_y) -> tuple:
+    """top-1, top-5 of the classifier in eval mode (BN-normalised probes use their running statistics)."""
+    clf.eval()
+    top1, top5 = accuracy(clf(val_f), val_y)
+    clf.train()
+    return top1, top5
+
+
 @app.command()
 def main(
     ckpt: Annotated[Path, typer.Argument(help="pretrain.py checkpoint, or torchvision ResNet weights (safetensors).")],
@@ -285,17 +306,8 @@ def main(
                 loader.set_epoch(epoch)
             batches = (cached_batches(train_f, train_y, B, seed, epoch) if cached_features else
                        augmented_batches(backbone, loader, per_epoch, acc))
-            for f, y in batches:
-                fm.set_lr(optimizer, fm.lr_at(step, total, base_lr))
-                loss = F.cross_entropy(fc(f), y)
-                optimizer.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                optimizer.step()
-                step += 1
-                progress.update(task, completed=step)
-            clf = acc.unwrap_model(fc).eval()
-            top1, top5 = accuracy(clf(val_f), val_y)
-            clf.train()
+            step, loss = train_epoch(fc, optimizer, batches, step, total, base_lr, acc, progress, task)
+            top1, top5 = evaluate(acc.unwrap_model(fc), val_f, val_y)
             history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
             progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
             if log:
