@@ -38,8 +38,13 @@ RUNS = {  # name -> pretrain.py flags
     "byol": ["--method", "byol"],
     "simsiam": ["--method", "simsiam"],
     "nnclr": ["--method", "nnclr"],
+    # the fidelity switches of docs/small-data.md, each against its default
+    "fastmoco-official-init": ["--method", "fastmoco", "--official-init"],
+    "mocov2-no-split-bn": ["--method", "mocov2", "--bn-splits", "1"],  # BN statistics shared by query and key
 }
 CLAIM = ("fastmoco", "fastmoco-no-patches", "mocov3")
+FIDELITY = ("fastmoco", "fastmoco-official-init", "mocov2", "mocov2-no-split-bn")
+GROUPS = {"claim": CLAIM, "all": list(RUNS)[:8], "fidelity": FIDELITY}
 COLUMNS = ["run", "seeds", "epochs", "kNN@init", "kNN@end", "std", "gain", "train_min", "img/s",
            "epoch reaching fastmoco@end"]
 
@@ -81,7 +86,8 @@ def markdown(table: list) -> str:
 def main(
     data: Annotated[Path, typer.Option(help="CIFAR-10 parquet folder (train-*.parquet, test-*.parquet).")] = Path(
         "../shared/data/cifar10"),
-    runs: Annotated[str, typer.Option(help=f"'claim' ({', '.join(CLAIM)}), 'all', or names from "
+    runs: Annotated[str, typer.Option(help=f"'claim' ({', '.join(CLAIM)}), 'all' (every method), 'fidelity' "
+                                           f"({', '.join(FIDELITY)}), or names from "
                                            f"{', '.join(RUNS)}, comma-separated.")] = "claim",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (init, data order, augmentation).")] = "0,1,2",
     train_images: Annotated[int, typer.Option(help="Training subset (the kNN bank).")] = 5000,
@@ -99,7 +105,7 @@ def main(
     if not (data.is_dir() and list(data.glob("train-*.parquet"))):
         print(f"skip: {data} is absent (CIFAR-10 parquet files); pass --data")
         return
-    names = list(CLAIM) if runs == "claim" else list(RUNS) if runs == "all" else runs.split(",")
+    names = list(GROUPS.get(runs, runs.split(",")))
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"error: unknown run {unknown[0]}: choose from {', '.join(RUNS)}")

@@ -203,6 +203,16 @@ def test_small_data_bench_skips_without_data(tmp_path, capsys):
     assert "skip:" in capsys.readouterr().out and not (tmp_path / "out").exists()
 
 
+def test_small_data_bench_groups(tmp_path):
+    from bench import small_data
+
+    assert all(n in small_data.RUNS for g in small_data.GROUPS.values() for n in g)
+    assert "fastmoco-official-init" not in small_data.GROUPS["all"] and len(small_data.GROUPS["all"]) == 8
+    (tmp_path / "train-00000-of-00001.parquet").touch()
+    with pytest.raises(SystemExit, match="unknown run mocov9"):
+        small_data.main(data=tmp_path, runs="fastmoco,mocov9", out=tmp_path / "out")
+
+
 def test_bn_splits_flag():
     model = fm.OnlineEncoder("mocov2", "resnet18", small_stem=True)
     pretrain.split_bn(model, "mocov2", None, 32, 1)  # default on one process: 4 groups of 8 for a batch of 32
