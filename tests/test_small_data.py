@@ -226,3 +226,22 @@ def test_bn_splits_flag():
         pretrain.split_bn(fm.OnlineEncoder("mocov2", "resnet18"), "mocov2", 3, 32, 2)
     with pytest.raises(SystemExit, match="--method mocov3 has none"):
         pretrain.split_bn(fm.OnlineEncoder("mocov3", "resnet18"), "mocov3", 8, 32, 1)
+
+
+def test_sweep_bench_table(tmp_path, capsys):
+    from typer.testing import CliRunner
+
+    from bench import sweep
+
+    for lr, tau, end in ((0.5, 0.1, 40.0), (0.5, 0.2, 45.5), (1.0, 0.1, 50.25), (1.0, 0.2, 30.0)):
+        run = tmp_path / f"lr{lr:g}-tau{tau:g}"  # finished runs: the sweep reads them, runs nothing
+        run.mkdir()
+        (run / "ckpt.safetensors").touch()
+        rows = [dict(step=0, knn_top1=20.0), dict(step=5, loss=3.0), dict(step=10, knn_top1=end)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    result = CliRunner().invoke(sweep.app, ["--lr", "0.5,1", "--tau", "0.1,0.2", "--out", str(tmp_path), "--",
+                                            "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    assert "--epochs 2" in lines[0] and "at initialisation: 20.0" in lines[0]
+    assert lines[2:] == ["| lr \\ tau | 0.1 | 0.2 |", "|---|---|---|", "| 0.5 | 40.0 | 45.5 |", "| 1 | 50.2 | 30.0 |"]
