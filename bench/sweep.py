@@ -1,5 +1,5 @@
 """A recipe sweep: one short `pretrain.py` run per (lr, tau) cell, each with its own kNN monitor, and a table of the
-final kNN top-1 (rows lr, columns tau). How Fast-MoCo's --recipe small lr and tau were chosen (docs/small-data.md):
+final kNN top-1 (rows lr, columns tau); docs/small-data.md has the sweep of Fast-MoCo's --recipe small lr and tau:
 
     python -m bench.sweep --data demo --lr 0.25,0.5,1,2 --tau 0.1,0.2,0.5 -- --arch resnet18 --no-small-stem \
         --batch-size 128 --epochs 2
