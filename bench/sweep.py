@@ -41,7 +41,8 @@ def main(
     recipe: Annotated[str, typer.Option(help="The recipe the sweep starts from (imagenet or small).")] = "small",
     lr: Annotated[str, typer.Option(help="Comma-separated lr values (per 256 images).")] = "0.25,0.5,1,2",
     tau: Annotated[str, typer.Option(help="Comma-separated temperatures.")] = "0.1,0.2,0.5",
-    knn_every: Annotated[int, typer.Option(help="Epochs between kNN evaluations: make --epochs a multiple of it (the table shows the last kNN).")] = 1,
+    knn_every: Annotated[int, typer.Option(
+        help="Epochs between kNN evaluations: make --epochs a multiple of it (the table shows the last kNN).")] = 1,
     out: Annotated[Path, typer.Option(help="One run folder per cell.")] = Path("runs/sweep"),
 ):
     """Run the grid, print the table."""
