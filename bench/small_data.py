@@ -82,8 +82,9 @@ def markdown(table: list) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in table])
 
 
-@app.command()
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
 def main(
+    ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="CIFAR-10 parquet folder (train-*.parquet, test-*.parquet).")] = Path(
         "../shared/data/cifar10"),
     runs: Annotated[str, typer.Option(help=f"'claim' ({', '.join(CLAIM)}), 'all' (every method), 'fidelity' "
@@ -101,7 +102,9 @@ def main(
     mixed_precision: Annotated[str, typer.Option(help="pretrain.py --mixed-precision (no, bf16, fp16).")] = "no",
     out: Annotated[Path, typer.Option(help="Run folders, knn.png.")] = Path("runs/small-data"),
 ):
-    """Pretrain each configuration with --recipe small, print the kNN table, draw the curves."""
+    """Pretrain each configuration with --recipe small, print the kNN table, draw the curves.
+
+    Flags after `--` go to every pretrain.py run (e.g. `-- --no-small-stem`)."""
     if not (data.is_dir() and list(data.glob("train-*.parquet"))):
         print(f"skip: {data} is absent (CIFAR-10 parquet files); pass --data")
         return
@@ -123,13 +126,13 @@ def main(
                        *RUNS[name], "--arch", "resnet18", "--image-size", str(image_size), "--epochs", str(epochs),
                        "--batch-size", str(batch_size), "--knn-every", str(knn_every), "--seed", str(seed),
                        "--workers", str(workers), "--mixed-precision", mixed_precision, "--no-tensorboard", "--save-every", "200",
-                       "--output-dir", str(run)]
+                       "--output-dir", str(run), *ctx.args]
                 print(" ".join(cmd[1:]), flush=True)
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             done.setdefault(name, []).append(run)
     print(markdown(summary(done)))
-    png = plot.draw(done, out / "knn.png", f"CIFAR-10, {train_images} train / {test_images} test images, ResNet-18 "
-                                           f"CIFAR stem, {image_size} px, batch {batch_size}, --recipe small")
+    png = plot.draw(done, out / "knn.png", f"CIFAR-10, {train_images} train / {test_images} test images, ResNet-18, "
+                                           f"{image_size} px, batch {batch_size}, --recipe small {' '.join(ctx.args)}")
     print(f"wrote {png}")
 
 

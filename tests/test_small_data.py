@@ -3,11 +3,13 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn as nn
+from typer.testing import CliRunner
 
 import fastmoco as fm
 import linear_probe
@@ -196,11 +198,11 @@ def test_small_data_bench_table_from_logs(tmp_path):
     assert md[0].startswith("| run | seeds |") and len(md) == 5
 
 
-def test_small_data_bench_skips_without_data(tmp_path, capsys):
+def test_small_data_bench_skips_without_data(tmp_path):
     from bench import small_data
 
-    small_data.main(data=tmp_path / "absent", out=tmp_path / "out")
-    assert "skip:" in capsys.readouterr().out and not (tmp_path / "out").exists()
+    result = CliRunner().invoke(small_data.app, ["--data", str(tmp_path / "absent"), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "skip:" in result.output and not (tmp_path / "out").exists()
 
 
 def test_small_data_bench_groups(tmp_path):
@@ -209,8 +211,32 @@ def test_small_data_bench_groups(tmp_path):
     assert all(n in small_data.RUNS for g in small_data.GROUPS.values() for n in g)
     assert "fastmoco-official-init" not in small_data.GROUPS["all"] and len(small_data.GROUPS["all"]) == 8
     (tmp_path / "train-00000-of-00001.parquet").touch()
-    with pytest.raises(SystemExit, match="unknown run mocov9"):
-        small_data.main(data=tmp_path, runs="fastmoco,mocov9", out=tmp_path / "out")
+    result = CliRunner().invoke(small_data.app, ["--data", str(tmp_path), "--runs", "fastmoco,mocov9"])
+    assert result.exit_code == 1 and "unknown run mocov9" in result.output
+
+
+def test_small_data_bench_passes_flags_after_dashes_to_every_run(tmp_path, monkeypatch):
+    from bench import small_data
+
+    (tmp_path / "train-00000-of-00001.parquet").touch()
+    monkeypatch.setattr(small_data, "subset", lambda *a: None)
+    cmds = []
+
+    def fake_run(cmd, **kw):  # a finished pretrain.py run: its log and checkpoint
+        cmds.append(cmd)
+        run = Path(cmd[cmd.index("--output-dir") + 1])
+        run.mkdir(parents=True)
+        (run / "ckpt.safetensors").touch()
+        rows = [dict(step=0, epoch=0, knn_top1=20.0, train_seconds=0), dict(step=9, epoch=1, knn_top1=30.0,
+                                                                            train_seconds=9.0)]
+        (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    monkeypatch.setattr(small_data.subprocess, "run", fake_run)
+    args = ["--data", str(tmp_path), "--runs", "mocov3,byol", "--seeds", "0", "--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(small_data.app, [*args, "--", "--no-small-stem", "--lr", "0.5"])
+    assert result.exit_code == 0, result.output
+    assert len(cmds) == 2 and all(c[-3:] == ["--no-small-stem", "--lr", "0.5"] for c in cmds)
+    assert "| mocov3 | 1 | 1 | 20.0 | 30.0 |" in result.output and (tmp_path / "out" / "knn.png").is_file()
 
 
 def test_bn_splits_flag():
@@ -229,8 +255,6 @@ def test_bn_splits_flag():
 
 
 def test_sweep_bench_table(tmp_path, capsys):
-    from typer.testing import CliRunner
-
     from bench import sweep
 
     for lr, tau, end in ((0.5, 0.1, 40.0), (0.5, 0.2, 45.5), (1.0, 0.1, 50.25), (1.0, 0.2, 30.0)):
