@@ -122,6 +122,15 @@ def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m,
     return loss, ptr, True
 
 
+@torch.no_grad()
+def fill_step(model, target, queue, ptr, views, step, loss_fn, acc):
+    """--warm-queue: enqueue this batch's keys of the initial encoders, update nothing else (the loss is only
+    logged). Returns (loss, queue pointer)."""
+    with acc.autocast():
+        loss, keys = loss_fn(model, target, views, queue, step)
+    return loss, fm.enqueue(queue, ptr, keys)
+
+
 # ----------------------------------------------------------------------------- setup
 
 def check_args(acc, r, arch, image_size, small_stem, patches, grid, k, queue_size, multi_crop, multi_crop_size,
@@ -283,6 +292,9 @@ def main(
     queue_size: Annotated[Optional[int], typer.Option(
         help="MoCo v1/v2: negatives K in the queue (65536, small 4096); NNCLR: support set size (98304, small "
              "4096). Never more than the dataset.")] = None,
+    warm_queue: Annotated[Optional[bool], typer.Option(
+        help="MoCo v1/v2, NNCLR: the first K/batch steps only fill the queue with real keys (no update), instead of "
+             "training against random vectors. Recipe: small on, imagenet off (the official code).")] = None,
     output_dir: Annotated[Path, typer.Option(help="Checkpoints, log.jsonl and TensorBoard logs go here.")] = Path(
         "runs/pretrain"),
     seed: Annotated[int, typer.Option(help="Seeds the init, the data order and every augmentation.")] = 0,
@@ -329,6 +341,9 @@ def main(
     small_stem = r.get("small_stem", image_size <= 64) if small_stem is None else small_stem
     queued = method.value in ("mocov1", "mocov2", "nnclr")  # a queue: MoCo's negatives or NNCLR's support set
     queue_size = queue_size or r.get("queue_size") or (98304 if method.value == "nnclr" else 65536)
+    if warm_queue and not queued:
+        fail(f"--warm-queue fills MoCo v1/v2's queue or NNCLR's support set: --method {method.value} has none")
+    warm_queue = r["warm_queue"] = queued and (r.get("warm_queue", False) if warm_queue is None else warm_queue)
     patches = method.value == "fastmoco" if patches is None else patches
     variant = vr.is_variant(method.value, patches, pipeline.value, combine.value, combinations, same_view, multi_crop)
     if official_init and method.value != "fastmoco":
@@ -418,8 +433,11 @@ def main(
             views = on_dev(xs, acc.device, fmt) if on_dev else [x.to(acc.device, non_blocking=True,
                                                                      memory_format=fmt) for x in xs]
             lr_now, m = schedules(step, total, per_epoch, base_lr, r)
-            loss, ptr, applied = train_step(model, online, target, optimizer, queue, ptr, views, step, lr_now, m,
-                                            loss_fn, r["clip_grad"], skip_nonfinite, acc)
+            if warm_queue and step < len(queue) // B:  # the first K/B steps fill the queue (real negatives)
+                (loss, ptr), applied = fill_step(model, target, queue, ptr, views, step, loss_fn, acc), True
+            else:
+                loss, ptr, applied = train_step(model, online, target, optimizer, queue, ptr, views, step, lr_now, m,
+                                                loss_fn, r["clip_grad"], skip_nonfinite, acc)
             if applied:
                 window.add(loss)
             else:  # --skip-nonfinite: no optimizer, EMA, BN or queue update

@@ -269,3 +269,28 @@ def test_sweep_bench_table(tmp_path, capsys):
     lines = result.output.splitlines()
     assert "--epochs 2" in lines[0] and "at initialisation: 20.0" in lines[0]
     assert lines[2:] == ["| lr \\ tau | 0.1 | 0.2 |", "|---|---|---|", "| 0.5 | 40.0 | 45.5 |", "| 1 | 50.2 | 30.0 |"]
+
+
+def test_warm_queue_fills_the_queue_with_real_keys_before_the_first_update(parquet, tmp_path):
+    """--warm-queue (the small recipe's default): the first K/B steps only enqueue keys of the initial encoders.
+    Seen against --no-warm-queue at step 2: the first batch's keys are the same, the second's come from the
+    unchanged encoders, and no weight has moved (the target still equals the online encoder)."""
+    from conftest import stage
+
+    def run(name, *flags):
+        stage("pretrain.py", "--data", parquet, "--recipe", "small", "--method", "mocov2", "--arch", "resnet18",
+              "--no-small-stem", "--batch-size", 8, "--queue-size", 16, "--max-steps", 2, "--workers", 0,
+              "--no-tensorboard", "--output-dir", tmp_path / name, *flags)
+        tensors, meta = fm.load_checkpoint(tmp_path / name / "ckpt.safetensors")
+        moved = max((tensors[k] - tensors["target." + k]).abs().max().item() for k in tensors
+                    if k.startswith("backbone.") and "running" not in k and "num_batches" not in k)
+        return tensors["queue"], moved, meta["recipe"]["warm_queue"]
+
+    warm, warm_moved, on = run("warm")
+    cold, cold_moved, off = run("cold", "--no-warm-queue")
+    assert on and not off
+    assert torch.allclose(warm[:8], cold[:8], atol=1e-6) and not torch.allclose(warm[8:], cold[8:], atol=1e-3)
+    assert warm_moved == 0 and cold_moved > 0
+    p = stage("pretrain.py", "--data", parquet, "--method", "mocov3", "--warm-queue", "--output-dir", tmp_path / "x",
+              check=False)
+    assert p.returncode == 1 and "--method mocov3 has none" in p.stderr
