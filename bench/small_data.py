@@ -41,9 +41,10 @@ RUNS = {  # name -> pretrain.py flags
     # the fidelity switches of docs/small-data.md, each against its default
     "fastmoco-official-init": ["--method", "fastmoco", "--official-init"],
     "mocov2-no-split-bn": ["--method", "mocov2", "--bn-splits", "1"],  # BN statistics shared by query and key
+    "mocov2-random-queue": ["--method", "mocov2", "--no-warm-queue"],  # the official code's random initial queue
 }
 CLAIM = ("fastmoco", "fastmoco-no-patches", "mocov3")
-FIDELITY = ("fastmoco", "fastmoco-official-init", "mocov2", "mocov2-no-split-bn")
+FIDELITY = ("fastmoco", "fastmoco-official-init", "mocov2", "mocov2-no-split-bn", "mocov2-random-queue")
 GROUPS = {"claim": CLAIM, "all": list(RUNS)[:8], "fidelity": FIDELITY}
 COLUMNS = ["run", "seeds", "epochs", "kNN@init", "kNN@end", "std", "gain", "train_min", "img/s",
            "epoch reaching fastmoco@end"]
