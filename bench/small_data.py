@@ -90,7 +90,7 @@ def main(
         "../shared/data/cifar10"),
     runs: Annotated[str, typer.Option(help=f"'claim' ({', '.join(CLAIM)}), 'all' (every method), 'fidelity' "
                                            f"({', '.join(FIDELITY)}), or names from "
-                                           f"{', '.join(RUNS)}, comma-separated.")] = "claim",
+                                           f"{', '.join(RUNS)}, comma-separated (groups too).")] = "claim",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (init, data order, augmentation).")] = "0,1,2",
     train_images: Annotated[int, typer.Option(help="Training subset (the kNN bank).")] = 5000,
     test_images: Annotated[int, typer.Option(help="Test subset (the kNN queries).")] = 1000,
@@ -109,7 +109,7 @@ def main(
     if not (data.is_dir() and list(data.glob("train-*.parquet"))):
         print(f"skip: {data} is absent (CIFAR-10 parquet files); pass --data")
         return
-    names = list(GROUPS.get(runs, runs.split(",")))
+    names = [name for part in runs.split(",") for name in GROUPS.get(part, [part])]  # groups and names, mixed
     unknown = [n for n in names if n not in RUNS]
     if unknown:
         raise SystemExit(f"error: unknown run {unknown[0]}: choose from {', '.join(RUNS)}")

@@ -232,10 +232,12 @@ def test_small_data_bench_passes_flags_after_dashes_to_every_run(tmp_path, monke
         (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     monkeypatch.setattr(small_data.subprocess, "run", fake_run)
-    args = ["--data", str(tmp_path), "--runs", "mocov3,byol", "--seeds", "0", "--out", str(tmp_path / "out")]
+    args = ["--data", str(tmp_path), "--runs", "claim,byol", "--seeds", "0", "--out", str(tmp_path / "out")]
     result = CliRunner().invoke(small_data.app, [*args, "--", "--no-small-stem", "--lr", "0.5"])
     assert result.exit_code == 0, result.output
-    assert len(cmds) == 2 and all(c[-3:] == ["--no-small-stem", "--lr", "0.5"] for c in cmds)
+    assert [Path(c[c.index("--output-dir") + 1]).name for c in cmds] == [
+        "fastmoco-s0", "fastmoco-no-patches-s0", "mocov3-s0", "byol-s0"]  # a group and a name, in order
+    assert all(c[-3:] == ["--no-small-stem", "--lr", "0.5"] for c in cmds)
     assert "| mocov3 | 1 | 1 | 20.0 | 30.0 |" in result.output and (tmp_path / "out" / "knn.png").is_file()
 
 
