@@ -72,7 +72,7 @@ RECIPES = {
 # lightly's CIFAR-10 benchmark trains every method with one recipe: SGD lr 0.06 x B/128 (0.12 per 256), wd 5e-4,
 # cosine, no warm-up, no blur, queue 4096, m 0.99, tau 0.1; solo-learn's CIFAR configs add the CIFAR stem (3x3
 # stride 1, no max-pool), crops of 8-100% and MoCo v3's tau 0.2 / m 0.99 -> 1. Fast-MoCo's tau and lr are starting
-# values (SimSiam's lr, MoCo v3's tau), swept on the demo only (docs/small-data.md).
+# values (SimSiam's lr, MoCo v3's tau), swept on the demo and on 2 epochs of CIFAR-10 (docs/small-data.md).
 # MoCo v1 follows MoCo's own CIFAR demo (lr 0.06 at batch 512). warm_queue (ours): fill the queue with real keys
 # before the first update; from random vectors MoCo v2 collapsed on CIFAR-10 (docs/small-data.md).
 SMALL = dict(epochs=200, batch_size=256, image_size=32, small_stem=True, lr=0.12, weight_decay=5e-4, optimizer="sgd",
