@@ -126,8 +126,8 @@ def main(
                 cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(sub), "--recipe", "small",
                        *RUNS[name], "--arch", "resnet18", "--image-size", str(image_size), "--epochs", str(epochs),
                        "--batch-size", str(batch_size), "--knn-every", str(knn_every), "--seed", str(seed),
-                       "--workers", str(workers), "--mixed-precision", mixed_precision, "--no-tensorboard", "--save-every", "200",
-                       "--output-dir", str(run), *ctx.args]
+                       "--workers", str(workers), "--mixed-precision", mixed_precision, "--no-tensorboard",
+                       "--save-every", "200", "--output-dir", str(run), *ctx.args]
                 print(" ".join(cmd[1:]), flush=True)
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             done.setdefault(name, []).append(run)

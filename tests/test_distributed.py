@@ -30,7 +30,8 @@ def test_two_processes_equal_one(method, port):
 @pytest.mark.parametrize("method, port", [("fastmoco", 29641), ("mocov2", 29642)])
 def test_pretrain_on_two_processes(tmp_path, method, port):
     """`accelerate launch pretrain.py` on 2 CPU processes: DDP, per-process shares of each global batch, shuffle-BN
-    and --warm-queue for MoCo v2, kNN features gathered from both processes, one checkpoint written by the main process."""
+    and --warm-queue for MoCo v2, kNN features gathered from both processes, one checkpoint written by the main
+    process."""
     import datasets
 
     from data import demo_dataset
@@ -44,7 +45,7 @@ def test_pretrain_on_two_processes(tmp_path, method, port):
            str(port), str(ROOT / "pretrain.py"), "--data", str(d), "--method", method, "--arch", "resnet18",
            "--image-size", "32", "--no-small-stem", "--batch-size", "8", "--epochs", "1", "--queue-size", "16",
            "--knn-every", "1", "--workers", "0", "--log-every", "1", "--no-tensorboard", "--output-dir", str(tmp_path),
-           *(["--warm-queue"] if method == "mocov2" else [])]  # MoCo v2: 2 queue-filling steps under DDP, then 2 updates
+           *(["--warm-queue"] if method == "mocov2" else [])]  # MoCo v2: 2 steps fill the queue, then 2 updates
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]

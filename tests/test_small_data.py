@@ -227,8 +227,8 @@ def test_small_data_bench_passes_flags_after_dashes_to_every_run(tmp_path, monke
         run = Path(cmd[cmd.index("--output-dir") + 1])
         run.mkdir(parents=True)
         (run / "ckpt.safetensors").touch()
-        rows = [dict(step=0, epoch=0, knn_top1=20.0, train_seconds=0), dict(step=9, epoch=1, knn_top1=30.0,
-                                                                            train_seconds=9.0)]
+        rows = [dict(step=0, epoch=0, knn_top1=20.0, train_seconds=0),
+                dict(step=9, epoch=1, knn_top1=30.0, train_seconds=9.0)]
         (run / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     monkeypatch.setattr(small_data.subprocess, "run", fake_run)
