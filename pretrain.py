@@ -93,6 +93,16 @@ def resolve_recipe(recipe: str, method: str, overrides: dict) -> dict:
     return r
 
 
+def queue_settings(method, r, queue_size, warm_queue) -> tuple:
+    """(whether the method has a queue -- MoCo's negatives or NNCLR's support set --, its size, --warm-queue) from
+    the flags (None: the recipe's); the resolved --warm-queue is written into r."""
+    queued = method in ("mocov1", "mocov2", "nnclr")
+    if warm_queue and not queued:
+        fail(f"--warm-queue fills MoCo v1/v2's queue or NNCLR's support set: --method {method} has none")
+    warm_queue = r["warm_queue"] = queued and (r.get("warm_queue", False) if warm_queue is None else warm_queue)
+    return queued, queue_size or r.get("queue_size") or (98304 if method == "nnclr" else 65536), warm_queue
+
+
 def schedules(step, total, per_epoch, base_lr, r) -> tuple:
     """(lr, EMA momentum) of `step` under recipe r: warmup epochs, milestones as fractions of the run."""
     lr = fm.lr_at(step, total, base_lr, round(r["warmup_epochs"] * per_epoch), r["warmup_from"],
@@ -101,11 +111,16 @@ def schedules(step, total, per_epoch, base_lr, r) -> tuple:
 
 
 def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m, loss_fn, clip_grad, check_finite,
-               acc):
+               acc, fill=False):
     """One optimisation step in the official order: lr, EMA before the forward, loss, backward, clip, step,
     enqueue. `model` is the prepared (DDP) module, called once; `online` the same module unwrapped. check_finite
-    (--skip-nonfinite): apply nothing when the loss or a gradient is not finite on some process.
+    (--skip-nonfinite): apply nothing when the loss or a gradient is not finite on some process. fill
+    (--warm-queue's first K/B steps): only enqueue this batch's keys of the unchanged encoders (the loss is logged).
     Returns (loss, queue pointer, whether the step was applied)."""
+    if fill:
+        with torch.no_grad(), acc.autocast():
+            loss, keys = loss_fn(model, target, views, queue, step)
+        return loss, fm.enqueue(queue, ptr, keys), True
     fm.set_lr(optimizer, lr)
     fm.ema_update(target, online, m)  # official order: before the forward
     with acc.autocast():  # covers the target forward too
@@ -120,15 +135,6 @@ def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m,
     if queue is not None:
         ptr = fm.enqueue(queue, ptr, keys)
     return loss, ptr, True
-
-
-@torch.no_grad()
-def fill_step(model, target, queue, ptr, views, step, loss_fn, acc):
-    """--warm-queue: enqueue this batch's keys of the initial encoders, update nothing else (the loss is only
-    logged). Returns (loss, queue pointer)."""
-    with acc.autocast():
-        loss, keys = loss_fn(model, target, views, queue, step)
-    return loss, fm.enqueue(queue, ptr, keys)
 
 
 # ----------------------------------------------------------------------------- setup
@@ -339,11 +345,7 @@ def main(
         momentum=momentum, tau=tau, clip_grad=clip_grad))
     image_size = args["image_size"] = image_size or r.get("image_size", 224)  # saved resolved: resume compares it
     small_stem = r.get("small_stem", image_size <= 64) if small_stem is None else small_stem
-    queued = method.value in ("mocov1", "mocov2", "nnclr")  # a queue: MoCo's negatives or NNCLR's support set
-    queue_size = queue_size or r.get("queue_size") or (98304 if method.value == "nnclr" else 65536)
-    if warm_queue and not queued:
-        fail(f"--warm-queue fills MoCo v1/v2's queue or NNCLR's support set: --method {method.value} has none")
-    warm_queue = r["warm_queue"] = queued and (r.get("warm_queue", False) if warm_queue is None else warm_queue)
+    queued, queue_size, warm_queue = queue_settings(method.value, r, queue_size, warm_queue)
     patches = method.value == "fastmoco" if patches is None else patches
     variant = vr.is_variant(method.value, patches, pipeline.value, combine.value, combinations, same_view, multi_crop)
     if official_init and method.value != "fastmoco":
@@ -433,11 +435,9 @@ def main(
             views = on_dev(xs, acc.device, fmt) if on_dev else [x.to(acc.device, non_blocking=True,
                                                                      memory_format=fmt) for x in xs]
             lr_now, m = schedules(step, total, per_epoch, base_lr, r)
-            if warm_queue and step < len(queue) // B:  # the first K/B steps fill the queue (real negatives)
-                (loss, ptr), applied = fill_step(model, target, queue, ptr, views, step, loss_fn, acc), True
-            else:
-                loss, ptr, applied = train_step(model, online, target, optimizer, queue, ptr, views, step, lr_now, m,
-                                                loss_fn, r["clip_grad"], skip_nonfinite, acc)
+            loss, ptr, applied = train_step(model, online, target, optimizer, queue, ptr, views, step, lr_now, m,
+                                            loss_fn, r["clip_grad"], skip_nonfinite, acc,
+                                            fill=warm_queue and step < len(queue) // B)  # --warm-queue
             if applied:
                 window.add(loss)
             else:  # --skip-nonfinite: no optimizer, EMA, BN or queue update
