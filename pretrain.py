@@ -85,9 +85,10 @@ def step_loss(model, target, views, queue, step, *, method, variant, tau, patche
 
 
 def resolve_recipe(recipe: str, method: str, overrides: dict) -> dict:
-    """The recipe with the flags that were given; a recipe's warm-up is cut to a tenth of the run (MoCo v3's 10 epochs
-    would otherwise outlast a short run), a --warmup-epochs given explicitly is kept."""
-    r = {**RECIPES[recipe][method], **{n: v for n, v in overrides.items() if v is not None}}
+    """The recipe with the flags that were given (the architecture too: ResNet-50 unless the recipe names another);
+    a recipe's warm-up is cut to a tenth of the run (MoCo v3's 10 epochs would otherwise outlast a short run), a
+    --warmup-epochs given explicitly is kept."""
+    r = {"arch": "resnet50", **RECIPES[recipe][method], **{n: v for n, v in overrides.items() if v is not None}}
     if overrides.get("warmup_epochs") is None:
         r["warmup_epochs"] = min(r["warmup_epochs"], r["epochs"] / 10)
     return r
@@ -247,7 +248,8 @@ def main(
         help="imagenet: the papers' recipes. small: for 32-96 px datasets of up to ~100k images (CIFAR, STL-10): "
              "lightly's / solo-learn's CIFAR recipes, CIFAR stem, 32 px, batch 256, 200 epochs (README).")
     ] = Recipe.imagenet,
-    arch: Annotated[str, typer.Option(help=f"torchvision ResNet: {', '.join(fm.ARCHS)}.")] = "resnet50",
+    arch: Annotated[Optional[str], typer.Option(
+        help=f"torchvision ResNet: {', '.join(fm.ARCHS)}. Recipe: resnet50, small resnet18.")] = None,
     image_size: Annotated[Optional[int], typer.Option(
         help="Crop size of the augmented views. Recipe: 224, small 32.")] = None,
     small_stem: Annotated[Optional[bool], typer.Option(
@@ -341,8 +343,9 @@ def main(
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
     # 1. the recipe, then every argument checked before any work
     r = resolve_recipe(recipe.value, method.value, dict(
-        epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
+        arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         momentum=momentum, tau=tau, clip_grad=clip_grad))
+    arch = args["arch"] = r["arch"]  # saved resolved, as image_size: resume compares it
     image_size = args["image_size"] = image_size or r.get("image_size", 224)  # saved resolved: resume compares it
     small_stem = r.get("small_stem", image_size <= 64) if small_stem is None else small_stem
     queued, queue_size, warm_queue = queue_settings(method.value, r, queue_size, warm_queue)

@@ -42,10 +42,14 @@ RUNS = {  # name -> pretrain.py flags
     "fastmoco-official-init": ["--method", "fastmoco", "--official-init"],
     "mocov2-no-split-bn": ["--method", "mocov2", "--bn-splits", "1"],  # BN statistics shared by query and key
     "mocov2-random-queue": ["--method", "mocov2", "--no-warm-queue"],  # the official code's random initial queue
+    # MoCo's own CIFAR-10 demo, written independently of the project: bench/moco_reference.py flags, not pretrain.py's
+    "reference-mocov1": [],
+    "reference-mocov2": ["--v2"],  # the demo's loop with MoCo v2's head and tau
 }
 CLAIM = ("fastmoco", "fastmoco-no-patches", "mocov3")
 FIDELITY = ("fastmoco", "fastmoco-official-init", "mocov2", "mocov2-no-split-bn", "mocov2-random-queue")
-GROUPS = {"claim": CLAIM, "all": list(RUNS)[:8], "fidelity": FIDELITY}
+PARITY = ("mocov1", "reference-mocov1", "mocov2", "reference-mocov2")
+GROUPS = {"claim": CLAIM, "all": list(RUNS)[:8], "fidelity": FIDELITY, "parity": PARITY}
 COLUMNS = ["run", "seeds", "epochs", "kNN@init", "kNN@end", "std", "gain", "train_min", "img/s",
            "epoch reaching fastmoco@end"]
 
@@ -122,12 +126,20 @@ def main(
     for name in names:
         for seed in map(int, seeds.split(",")):
             run = out / f"{name}-s{seed}"
-            if not (run / "ckpt.safetensors").is_file():
+            if name.startswith("reference-"):  # same images, batch, epochs, stem and seed; the demo's own recipe
+                done_file = run / "done"
+                stem = [a for a in ctx.args if a in ("--small-stem", "--no-small-stem")]
+                cmd = [sys.executable, str(ROOT / "bench" / "moco_reference.py"), "--data", str(sub), *RUNS[name],
+                       "--epochs", str(epochs), "--batch-size", str(batch_size), "--knn-every", str(knn_every),
+                       "--seed", str(seed), "--workers", str(workers), "--out", str(run), *stem]
+            else:
+                done_file = run / "ckpt.safetensors"
                 cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(sub), "--recipe", "small",
                        *RUNS[name], "--arch", "resnet18", "--image-size", str(image_size), "--epochs", str(epochs),
                        "--batch-size", str(batch_size), "--knn-every", str(knn_every), "--seed", str(seed),
                        "--workers", str(workers), "--mixed-precision", mixed_precision, "--no-tensorboard",
                        "--save-every", "200", "--output-dir", str(run), *ctx.args]
+            if not done_file.is_file():
                 print(" ".join(cmd[1:]), flush=True)
                 subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
             done.setdefault(name, []).append(run)

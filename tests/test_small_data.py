@@ -44,6 +44,85 @@ def test_every_method_has_a_small_recipe_with_the_imagenet_keys():
     assert vr.SMALL_RECIPES["simsiam"]["momentum"] == 0.0  # no momentum encoder, as in the ImageNet recipe
 
 
+def test_small_recipe_builds_a_resnet18_unless_told_otherwise():
+    """--recipe small without --arch trains the ResNet-18 of MoCo's CIFAR demo, lightly and solo-learn. It used to
+    keep the ImageNet recipe's ResNet-50, on which MoCo v1 at 32 px falls below its random init, the demo's
+    algorithm as well as ours: a user comparing the two compared architectures (docs/small-data.md)."""
+    for method in pretrain.RECIPES["small"]:
+        assert pretrain.resolve_recipe("small", method, {})["arch"] == "resnet18", method
+        assert pretrain.resolve_recipe("imagenet", method, {})["arch"] == "resnet50", method
+        assert pretrain.resolve_recipe("small", method, {"arch": "resnet50"})["arch"] == "resnet50", method
+
+
+def test_moco_step_equals_the_cifar_demo_step_written_out():
+    """fastmoco's MoCo v1 step (split BN, one-process shuffle, queue) against MoCo's CIFAR demo step, transcribed
+    separately: torchvision's ResNet built with a split BN of its own, fc -> 128, EMA by zip, queue as (dim, K).
+    Parameters are copied across before every step, so float noise cannot grow: each step's loss and gradients
+    must agree, on both stems, with the queue holding earlier keys."""
+    import functools
+
+    class DemoSplitBN(nn.BatchNorm2d):
+        def __init__(self, c, splits):
+            super().__init__(c)
+            self.splits = splits
+
+        def forward(self, x):
+            N, C, H, W = x.shape
+            return nn.functional.batch_norm(
+                x.view(-1, C * self.splits, H, W), self.running_mean.repeat(self.splits),
+                self.running_var.repeat(self.splits), self.weight.repeat(self.splits),
+                self.bias.repeat(self.splits), True).view(N, C, H, W)
+
+    B, K, tau, m = 16, 64, 0.1, 0.99
+    for small_stem, size in ((False, 32), (True, 16)):
+        torch.manual_seed(0)
+        model = fm.OnlineEncoder("mocov1", "resnet18", small_stem=small_stem)
+        fm.split_bn(model.backbone, 4)
+        target = fm.target_encoder(model)
+        demo_q, demo_k = (torchvision_resnet18(128, functools.partial(DemoSplitBN, splits=4), small_stem)
+                          for _ in range(2))
+        queue, ptr = fm.make_queue(K, 128), 0
+        for step in range(3):
+            with torch.no_grad():  # same weights: ours -> the demo's (its fc is our projector)
+                for ours, demo in ((model, demo_q), (target, demo_k)):
+                    w = dict(fm.prefixed(ours.state_dict(), "backbone."),
+                             **{"fc." + k: v for k, v in fm.prefixed(ours.state_dict(), "projector.").items()})
+                    demo.load_state_dict(w)
+            demo_queue = queue.T.clone()
+            x1, x2 = torch.randn(B, 3, size, size), torch.randn(B, 3, size, size)
+            fm.ema_update(target, model, m)
+            model.zero_grad(), demo_q.zero_grad()
+            loss, keys = fm.step_loss("mocov1", model, target, x1, x2, tau, queue, torch.Generator().manual_seed(step))
+            loss.backward()
+            with torch.no_grad():
+                for pq, pk in zip(demo_q.parameters(), demo_k.parameters()):
+                    pk.data = pk.data * m + pq.data * (1 - m)
+                perm = torch.randperm(B, generator=torch.Generator().manual_seed(step))
+                k = nn.functional.normalize(demo_k(x2[perm]), dim=1)[torch.argsort(perm)]
+            q = nn.functional.normalize(demo_q(x1), dim=1)
+            logits = torch.cat([(q * k).sum(1, keepdim=True), q @ demo_queue], 1) / tau
+            demo_loss = nn.functional.cross_entropy(logits, torch.zeros(B, dtype=torch.long))
+            demo_loss.backward()
+            torch.testing.assert_close(loss, demo_loss, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(keys, k, rtol=1e-4, atol=1e-5)
+            ours = [p.grad for p in [*model.backbone.parameters(), *model.projector.parameters()]]
+            for g, d in zip(ours, [p.grad for p in demo_q.parameters()]):
+                assert (g - d).norm() <= 1e-4 * d.norm() + 1e-7
+            ptr = fm.enqueue(queue, ptr, keys)
+            with torch.no_grad():
+                for p, g in zip([*model.backbone.parameters(), *model.projector.parameters()], ours):
+                    p -= 0.5 * g  # a large step: the next one sees other weights and a queue with real keys
+
+
+def torchvision_resnet18(dim, norm_layer, small_stem):
+    import torchvision
+
+    net = torchvision.models.resnet18(num_classes=dim, norm_layer=norm_layer)
+    if small_stem:
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    return net
+
+
 def test_small_augmentations_have_no_blur_and_solarize_only_view_2():
     from data import augmentations
 
@@ -152,7 +231,7 @@ def test_small_recipe_run_logs_knn_and_training_time_and_says_where_it_went(parq
     from conftest import stage
 
     out = tmp_path / "run"
-    args = ("--data", parquet, "--recipe", "small", "--method", "mocov2", "--arch", "resnet18", "--batch-size", 16,
+    args = ("--data", parquet, "--recipe", "small", "--method", "mocov2", "--batch-size", 16,  # no --arch: ResNet-18
             "--epochs", 2, "--knn-every", 1, "--workers", 0, "--no-tensorboard", "--output-dir", out)
     p = stage("pretrain.py", *args)
     assert "--queue-size lowered to 48" in p.stdout  # 4096 > the 48 images of the data
@@ -163,6 +242,7 @@ def test_small_recipe_run_logs_knn_and_training_time_and_says_where_it_went(parq
     assert 0 < knn[1]["train_seconds"] < knn[2]["train_seconds"]
     _, meta = fm.load_checkpoint(out / "ckpt.safetensors")
     assert meta["args"]["recipe"] == "small" and meta["small_stem"] and meta["image_size"] == 32
+    assert meta["arch"] == meta["args"]["arch"] == "resnet18" and "backbone.layer1.0.conv2.weight" in _
     assert meta["recipe"]["lr"] == 0.12 and meta["train_seconds"] > 0
     again = stage("pretrain.py", *args)  # the same command continues the (finished) run: same resolved settings
     assert "resuming from" in again.stderr and "step 6/6" in again.stdout
@@ -239,6 +319,41 @@ def test_small_data_bench_passes_flags_after_dashes_to_every_run(tmp_path, monke
         "fastmoco-s0", "fastmoco-no-patches-s0", "mocov3-s0", "byol-s0"]  # a group and a name, in order
     assert all(c[-3:] == ["--no-small-stem", "--lr", "0.5"] for c in cmds)
     assert "| mocov3 | 1 | 1 | 20.0 | 30.0 |" in result.output and (tmp_path / "out" / "knn.png").is_file()
+
+
+def test_small_data_bench_runs_the_independent_reference_on_the_same_setting(tmp_path, monkeypatch):
+    from bench import small_data
+
+    (tmp_path / "train-00000-of-00001.parquet").touch()
+    monkeypatch.setattr(small_data, "subset", lambda *a: None)
+    cmds, real_run = [], small_data.subprocess.run
+
+    def fake_run(cmd, **kw):  # a finished run of either script: its log and its end marker
+        if "--data" not in cmd:  # not ours (matplotlib asks fc-list for fonts)
+            return real_run(cmd, **kw)
+        cmds.append(cmd)
+        ref = "--out" in cmd
+        run = Path(cmd[cmd.index("--out" if ref else "--output-dir") + 1])
+        run.mkdir(parents=True)
+        (run / ("done" if ref else "ckpt.safetensors")).touch()
+        (run / "log.jsonl").write_text(json.dumps(dict(step=0, epoch=0, knn_top1=20.0, train_seconds=0)) + "\n")
+
+    monkeypatch.setattr(small_data.subprocess, "run", fake_run)
+    args = ["--data", str(tmp_path), "--runs", "parity", "--seeds", "0", "--epochs", "3", "--out", str(tmp_path / "o")]
+    result = CliRunner().invoke(small_data.app, [*args, "--", "--no-small-stem", "--lr", "0.5"])
+    assert result.exit_code == 0, result.output
+    ref = [c for c in cmds if c[1].endswith("moco_reference.py")]
+    assert len(cmds) == 4 and len(ref) == 2 and "--v2" in ref[1] and "--v2" not in ref[0]
+    for c in ref:  # the setting is shared, the recipe is the demo's own: only the stem flag is passed on
+        assert c[c.index("--epochs") + 1] == "3" and c[-1] == "--no-small-stem" and "--lr" not in c
+    assert CliRunner().invoke(small_data.app, [*args, "--", "--no-small-stem"]).exit_code == 0 and len(cmds) == 4
+
+
+def test_reference_script_imports_nothing_of_the_project():
+    text = (Path(__file__).resolve().parents[1] / "bench" / "moco_reference.py").read_text()
+    imports = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
+    assert imports <= {"io", "json", "math", "time", "functools", "pathlib", "typing", "numpy", "torch",
+                       "torchvision", "typer", "PIL", "pyarrow"}, imports
 
 
 def test_bn_splits_flag():
