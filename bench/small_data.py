@@ -42,6 +42,7 @@ RUNS = {  # name -> pretrain.py flags
     "fastmoco-official-init": ["--method", "fastmoco", "--official-init"],
     "mocov2-no-split-bn": ["--method", "mocov2", "--bn-splits", "1"],  # BN statistics shared by query and key
     "mocov2-random-queue": ["--method", "mocov2", "--no-warm-queue"],  # the official code's random initial queue
+    "mocov1-random-queue": ["--method", "mocov1", "--no-warm-queue"],  # ... as in MoCo's CIFAR demo
     # MoCo's own CIFAR-10 demo, written independently of the project: bench/moco_reference.py flags, not pretrain.py's
     "reference-mocov1": [],
     "reference-mocov2": ["--v2"],  # the demo's loop with MoCo v2's head and tau
