@@ -247,6 +247,9 @@ def test_small_recipe_run_logs_knn_and_training_time_and_says_where_it_went(parq
     again = stage("pretrain.py", *args)  # the same command continues the (finished) run: same resolved settings
     assert "resuming from" in again.stderr and "step 6/6" in again.stdout
     other = stage("pretrain.py", *args[:-2], "--output-dir", out, "--recipe", "imagenet", check=False)
+    assert other.returncode == 1 and "mocov2/resnet18 checkpoint; this run is mocov2/resnet50" in other.stderr
+    other = stage("pretrain.py", *args[:-2], "--output-dir", out, "--recipe", "imagenet", "--arch", "resnet18",
+                  check=False)
     assert other.returncode == 1 and "other settings (recipe" in other.stderr
     q = stage("plot.py", out, "-o", tmp_path / "knn.png")
     assert (tmp_path / "knn.png").is_file() and "wrote" in q.stdout
