@@ -76,9 +76,10 @@ RECIPES = {
 # MoCo v1 follows MoCo's own CIFAR demo (lr 0.06 at batch 512). warm_queue (ours): fill the queue with real keys
 # before the first update; from random vectors MoCo v2 collapsed on CIFAR-10 (docs/small-data.md). ResNet-18, as
 # in all of them: MoCo v1 on a ResNet-50 at 32 px falls below its random init there, ours and the demo's alike.
-SMALL = dict(arch="resnet18", epochs=200, batch_size=256, image_size=32, small_stem=True, lr=0.12, weight_decay=5e-4, optimizer="sgd",
-             warmup_epochs=0, warmup_from=0.0, momentum=0.99, cosine_momentum=False, tau=0.1, clip_grad=0.0,
-             fix_predictor_lr=False, milestones=(), aug="small", sync_bn=True, queue_size=4096, warm_queue=True)
+SMALL = dict(arch="resnet18", epochs=200, batch_size=256, image_size=32, small_stem=True, lr=0.12, weight_decay=5e-4,
+             optimizer="sgd", warmup_epochs=0, warmup_from=0.0, momentum=0.99, cosine_momentum=False, tau=0.1,
+             clip_grad=0.0, fix_predictor_lr=False, milestones=(), aug="small", sync_bn=True, queue_size=4096,
+             warm_queue=True)
 SMALL_RECIPES = {
     "fastmoco": dict(SMALL, lr=0.5, tau=0.2, clip_grad=1.0, fix_predictor_lr=True),
     "mocov3": dict(SMALL, tau=0.2, cosine_momentum=True, aug="small-asymmetric"),
