@@ -8,8 +8,9 @@ a key encoder updated by EMA (m 0.99), a random initial queue of K 4096 keys, ta
 shuffled; SGD lr 0.06 per 512 images, momentum 0.9, wd 5e-4, cosine lr per epoch; views RandomResizedCrop(32,
 scale 0.08-1), flip, ColorJitter(0.4, 0.4, 0.4, 0.1) p 0.8, grayscale p 0.2; kNN monitor k 200, t 0.1 on the 512-d
 backbone features, bank = the training images. --v2: MoCo v2's head (512-2048-ReLU-128) and tau 0.2 on the same loop.
-Writes OUT/log.jsonl in pretrain.py's format (loss rows every --log-every steps, knn_top1 rows), so bench/small_data.py
-tables and plots it beside pretrain.py's runs.
+--arch resnet50: the same loop on a ResNet-50 (how the fall of issue 20 was traced, docs/small-data.md). Writes
+OUT/log.jsonl in pretrain.py's format (loss rows every --log-every steps, knn_top1 rows), so bench/small_data.py tables
+and plots it beside pretrain.py's runs.
 """
 
 import io
@@ -18,9 +19,8 @@ import math
 import time
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -135,7 +135,7 @@ def main(
     epochs: int = 6, batch_size: int = 128,
     lr: Annotated[float, typer.Option(help="lr per 512 images (the demo: 0.06 at batch 512).")] = 0.06,
     weight_decay: float = 5e-4, queue_size: int = 4096, momentum: float = 0.99,
-    tau: Annotated[float, typer.Option(help="Default: 0.1, with --v2 0.2.")] = None,
+    tau: Annotated[Optional[float], typer.Option(help="Default: 0.1, with --v2 0.2.")] = None,
     bn_splits: int = 8,
     small_stem: Annotated[bool, typer.Option(help="The demo's CIFAR stem; --no-small-stem: torchvision's.")] = True,
     v2: Annotated[bool, typer.Option(help="MoCo v2's MLP head (512-2048-ReLU-128), tau 0.2.")] = False,

@@ -355,7 +355,7 @@ def test_small_data_bench_runs_the_independent_reference_on_the_same_setting(tmp
 def test_reference_script_imports_nothing_of_the_project():
     text = (Path(__file__).resolve().parents[1] / "bench" / "moco_reference.py").read_text()
     imports = {line.split()[1].split(".")[0] for line in text.splitlines() if line.startswith(("import ", "from "))}
-    assert imports <= {"io", "json", "math", "time", "functools", "pathlib", "typing", "numpy", "torch",
+    assert imports <= {"io", "json", "math", "time", "functools", "pathlib", "typing", "torch",
                        "torchvision", "typer", "PIL", "pyarrow"}, imports
 
 
