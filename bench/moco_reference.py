@@ -139,7 +139,7 @@ def main(
     bn_splits: int = 8,
     small_stem: Annotated[bool, typer.Option(help="The demo's CIFAR stem; --no-small-stem: torchvision's.")] = True,
     v2: Annotated[bool, typer.Option(help="MoCo v2's MLP head (512-2048-ReLU-128), tau 0.2.")] = False,
-    knn_every: int = 2, log_every: int = 20, seed: int = 0, workers: int = 1, max_steps: int = 0,
+    knn_every: int = 2, log_every: int = 20, seed: int = 0, workers: int = 1,
 ):
     torch.manual_seed(seed)
     tau = tau or (0.2 if v2 else 0.1)
@@ -178,15 +178,11 @@ def main(
                     write(loss=sum(losses) / len(losses), lr=optimizer.param_groups[0]["lr"],
                           train_seconds=round(time.perf_counter() - t0, 2))
                     losses = []
-                if step == max_steps:
-                    break
             if knn_every and (epoch + 1) % knn_every == 0:
                 t1 = time.perf_counter()
                 write(knn_top1=knn(model.q.net, bank_x, train_y, test_x, test_y),
                       train_seconds=round(t1 - t0, 2))
                 t0 += time.perf_counter() - t1  # evaluation time is not training time
-            if step == max_steps:
-                break
     (out / "done").write_text("")
     print(f"kNN top-1 in {out / 'log.jsonl'}")
 
