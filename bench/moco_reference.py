@@ -122,7 +122,7 @@ def knn(net, bank_x, bank_y, test_x, test_y, k=200, t=0.1, classes=10):
     feats = lambda x: torch.cat([F.normalize(net(c), dim=1) for c in x.split(500)])  # noqa: E731
     bank, test = feats(bank_x), feats(test_x)
     net.train()
-    w, idx = (test @ bank.T).topk(k, dim=1)
+    w, idx = (test @ bank.T).topk(min(k, len(bank)), dim=1)
     scores = torch.zeros(len(test), classes).scatter_add_(1, bank_y[idx], (w / t).exp())
     return 100.0 * (scores.argmax(1) == test_y).float().mean().item()
 

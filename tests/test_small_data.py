@@ -359,6 +359,21 @@ def test_reference_script_imports_nothing_of_the_project():
                        "torchvision", "typer", "PIL", "pyarrow"}, imports
 
 
+def test_reference_script_runs_and_logs_as_pretrain_does(parquet, tmp_path):
+    """bench/moco_reference.py end to end on 48 images (MoCo v2's head): loss rows every step, kNN every epoch."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    subprocess.run([sys.executable, str(root / "bench" / "moco_reference.py"), "--data", str(parquet), "--out",
+                    str(tmp_path), "--epochs", "2", "--batch-size", "16", "--queue-size", "32", "--knn-every", "1",
+                    "--log-every", "1", "--no-small-stem", "--v2", "--workers", "0"], check=True, capture_output=True)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "knn_top1" in r] == [0, 3, 6] and (tmp_path / "done").is_file()
+    assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+
+
 def test_bn_splits_flag():
     model = fm.OnlineEncoder("mocov2", "resnet18", small_stem=True)
     pretrain.split_bn(model, "mocov2", None, 32, 1)  # default on one process: 4 groups of 8 for a batch of 32
