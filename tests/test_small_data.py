@@ -323,6 +323,13 @@ def test_small_data_bench_passes_flags_after_dashes_to_every_run(tmp_path, monke
     assert all(c[-3:] == ["--no-small-stem", "--lr", "0.5"] for c in cmds)
     assert "| mocov3 | 1 | 1 | 20.0 | 30.0 |" in result.output and (tmp_path / "out" / "knn.png").is_file()
 
+    cmds.clear()
+    result = CliRunner().invoke(small_data.app, [*args[:2], "--runs", "budget", "--seeds", "0", "--epochs", "3",
+                                                 "--out", str(tmp_path / "budget")])
+    assert result.exit_code == 0, result.output  # Fast-MoCo at E epochs, MoCo v3 at E, 2E, 4E
+    assert [(c[c.index("--method") + 1], c[c.index("--epochs") + 1]) for c in cmds] == [
+        ("fastmoco", "3"), ("mocov3", "3"), ("mocov3", "6"), ("mocov3", "12")]
+
 
 def test_small_data_bench_runs_the_independent_reference_on_the_same_setting(tmp_path, monkeypatch):
     from bench import small_data
