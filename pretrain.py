@@ -117,11 +117,13 @@ def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m,
     enqueue. `model` is the prepared (DDP) module, called once; `online` the same module unwrapped. check_finite
     (--skip-nonfinite): apply nothing when the loss or a gradient is not finite on some process. fill
     (--warm-queue's first K/B steps): only enqueue this batch's keys of the unchanged encoders (the loss is logged).
-    Returns (loss, queue pointer, whether the step was applied)."""
+    Returns (loss, queue pointer, outcome): "applied"; "skipped" (check_finite found a non-finite value: the caller
+    rolls the EMA and BN statistics back); "overflow" (fp16: the loss scaler found inf gradients and skipped the
+    optimizer step, lowering its scale; the EMA, BN statistics and queue moved, as under the official code's AMP)."""
     if fill:
         with torch.no_grad(), acc.autocast():
             loss, keys = loss_fn(model, target, views, queue, step)
-        return loss, fm.enqueue(queue, ptr, keys), True
+        return loss, fm.enqueue(queue, ptr, keys), "applied"
     fm.set_lr(optimizer, lr)
     fm.ema_update(target, online, m)  # official order: before the forward
     with acc.autocast():  # covers the target forward too
@@ -129,13 +131,17 @@ def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m,
     optimizer.zero_grad(set_to_none=True)
     acc.backward(loss)
     if clip_grad:
-        acc.clip_grad_norm_(model.parameters(), clip_grad)
+        acc.clip_grad_norm_(model.parameters(), clip_grad)  # unscales fp16 gradients first
+    elif check_finite and acc.scaler is not None:
+        acc.unscale_gradients()  # the check below sees the true gradients
     if check_finite and not runs.all_finite(loss, model, acc):
-        return loss, ptr, False
+        if acc.scaler is not None:  # unscale_ recorded the overflow: update() lowers the scale and ends the step,
+            acc.scaler.update()  # else the next step's unscale_ raises "already been called since the last update()"
+        return loss, ptr, "skipped"
     optimizer.step()
     if queue is not None:
         ptr = fm.enqueue(queue, ptr, keys)
-    return loss, ptr, True
+    return loss, ptr, "overflow" if acc.scaler is not None and optimizer.step_was_skipped else "applied"
 
 
 # ----------------------------------------------------------------------------- setup
@@ -225,8 +231,9 @@ def log_row(acc, log, window, step, per_epoch, B, seen, bad, skipped, lr, m, ski
              "the same command with a lower --lr, or --skip-nonfinite)")
     with user_errors():
         bad_all = runs.check_bad_images(acc, bad, seen, max_bad_fraction)
+    fp16 = dict(fp16_overflows=window.overflows, loss_scale=acc.scaler.get_scale()) if acc.scaler else {}
     runs.record(acc, log, step, per_epoch, dict(loss=mean, lr=lr, m=m, img_per_s=round(ips, 1), skipped_steps=skipped,
-                                                bad_images=bad_all, train_seconds=round(window.seconds(), 2)))
+                                                bad_images=bad_all, train_seconds=round(window.seconds(), 2), **fp16))
     window.reset(step)
     return f"loss {mean:.4f} lr {lr:.3g} m {m:.4f} {ips:.0f} img/s"
 
@@ -438,14 +445,15 @@ def main(
             views = on_dev(xs, acc.device, fmt) if on_dev else [x.to(acc.device, non_blocking=True,
                                                                      memory_format=fmt) for x in xs]
             lr_now, m = schedules(step, total, per_epoch, base_lr, r)
-            loss, ptr, applied = train_step(model, online, target, optimizer, queue, ptr, views, step, lr_now, m,
+            loss, ptr, outcome = train_step(model, online, target, optimizer, queue, ptr, views, step, lr_now, m,
                                             loss_fn, r["clip_grad"], skip_nonfinite, acc,
                                             fill=warm_queue and step < len(queue) // B)  # --warm-queue
-            if applied:
-                window.add(loss)
-            else:  # --skip-nonfinite: no optimizer, EMA, BN or queue update
+            if outcome == "skipped":  # --skip-nonfinite: no optimizer, EMA, BN or queue update
                 runs.restore(target, online, snap)
                 skipped, window.skipped = skipped + 1, window.skipped + 1
+            else:
+                window.add(loss)
+                window.overflows += outcome == "overflow"
             step += 1
             if step % log_every == 0 or step == stop or (save_every and step % save_every == 0):  # host syncs
                 progress.update(task, info=log_row(acc, log, window, step, per_epoch, B, max(step * B, n), bad,

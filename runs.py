@@ -173,10 +173,9 @@ def check_bad_images(acc, bad: int, seen: int, max_fraction: float) -> int:
 
 
 def all_finite(loss, model, acc) -> bool:
-    """--skip-nonfinite: are the loss and (unless fp16's scaler handles them) the gradients finite on every process?"""
+    """--skip-nonfinite: are the loss and the (unscaled) gradients finite on every process?"""
     ok = torch.isfinite(loss.detach()).all()
-    if acc.scaler is None:
-        ok &= torch.stack([p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]).all()
+    ok &= torch.stack([p.grad.isfinite().all() for p in model.parameters() if p.grad is not None]).all()
     return acc.reduce(ok.float(), "sum").item() == acc.num_processes
 
 
@@ -203,6 +202,7 @@ class Window:
         self.trained = self.seconds()
         self.loss.zero_()
         self.t, self.step, self.skipped = time.perf_counter(), step, 0  # skipped: non-finite steps not in the sum
+        self.overflows = 0  # fp16: steps whose optimizer step the loss scaler skipped (in the sum: the loss is finite)
 
     def seconds(self) -> float:
         """Training seconds of the run so far (kNN evaluations excluded: they move `t` forward)."""

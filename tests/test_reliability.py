@@ -352,3 +352,44 @@ def test_memory_stays_flat_and_workers_are_cleaned_up(small, tmp_path):
     assert end >= 95 and rss[end] - rss[warm] < 48 * 2 ** 20, (rss[warm], rss[end])
     time.sleep(2)
     assert not [w for w in workers if psutil.pid_exists(w) and psutil.Process(w).status() != psutil.STATUS_ZOMBIE]
+
+
+@pytest.fixture
+def fp16_scaler(monkeypatch):
+    """Accelerate builds no GradScaler for fp16 on the CPU: give it one, as it does on CUDA (native AMP, fp16)."""
+    from accelerate import Accelerator
+
+    monkeypatch.setattr(Accelerator, "mixed_precision", property(lambda self: "fp16"))
+    acc = Accelerator(cpu=True)
+    acc.scaler, acc.native_amp = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16), True
+    return acc
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_fp16_skip_nonfinite_then_a_good_step(fp16_scaler, clip):
+    """fp16's loss scaler with --skip-nonfinite (and clipping): a skipped step halves the scale and the next step
+    applies (it used to raise "unscale_() has already been called"); a gradient overflow with a finite loss is the
+    scaler's own skip, reported as "overflow" and the weights stay."""
+    import pretrain
+
+    acc = fp16_scaler
+    online = torch.nn.Linear(3, 1)
+    target = torch.nn.Linear(3, 1).requires_grad_(False)
+    model, opt = acc.prepare(online, torch.optim.SGD(online.parameters(), lr=0.1))
+    x = torch.ones(2, 3)
+
+    def loss_fn(scale):
+        return lambda model, target, views, queue, step: ((model(x) * scale).sum(), None)
+
+    def step(scale, check):
+        return pretrain.train_step(model, online, target, opt, None, 0, [x], 0, 0.1, 0.99, loss_fn(scale), clip,
+                                   check, acc)[2]
+
+    w = online.weight.detach().clone()
+    assert step(float("nan"), True) == "skipped" and acc.scaler.get_scale() == 2.0 ** 15
+    assert torch.equal(online.weight, w)
+    assert step(1.0, True) == "applied" and not torch.equal(online.weight, w)
+    w = online.weight.detach().clone()
+    assert step(1e34, False) == "overflow" and torch.equal(online.weight, w)  # 1e34 * 2**15: inf in fp32
+    assert acc.scaler.get_scale() == 2.0 ** 14
+    assert step(1.0, False) == "applied" and not torch.equal(online.weight, w)
