@@ -254,6 +254,25 @@ def test_map_wiring_with_perfect_and_wrong_predictions(detection_data):
     assert r["AP50"] == pytest.approx(100) and r["AP75"] == 0
 
 
+def test_detector_under_bf16_decodes_boxes_in_fp32():
+    """bf16 covers the ResNet and FPN only: the heads get fp32 features, so boxes at 512-1100 px are not rounded to
+    bf16's 4-8 px steps (under a whole-model autocast they were), and the weights keep their state_dict keys."""
+    from accelerate import Accelerator
+
+    torch.manual_seed(0)
+    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    model = detect.build(torchvision.models.resnet18(), 2, False, False, 1100, 1100)
+    keys = list(model.state_dict())
+    detect.autocast_backbone(model, acc).eval()
+    seen = []
+    model.rpn.head.register_forward_pre_hook(lambda m, args: seen.append({f.dtype for f in args[0]}))
+    with torch.no_grad():
+        out = model([torch.rand(3, 1100, 1100)])[0]
+    assert seen == [{torch.float32}] and out["boxes"].dtype == torch.float32 and list(model.state_dict()) == keys
+    big = out["boxes"][out["boxes"] > 520]
+    assert len(big) > 10 and (big % 4 != 0).float().mean() > 0.5  # bf16 would put every one on a 4 or 8 px step
+
+
 @pytest.mark.slow
 def test_faster_rcnn_on_voc_format_end_to_end(pretrained, detection_data, tmp_path):
     voc, _ = detection_data

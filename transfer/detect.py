@@ -12,6 +12,7 @@ R50-FPN: a quick, dependency-light transfer check; the paper's Table 3 setting i
 Writes DIR/model.safetensors, DIR/log.jsonl and DIR/results.json (AP, AP50, AP75 in percent; segm too with --masks).
 """
 
+from collections import OrderedDict
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -166,6 +167,20 @@ def build(net, classes: int, masks: bool, sync_bn: bool, min_size: int, max_size
                 max_size=max_size, image_mean=list(MEAN), image_std=list(STD))
 
 
+def autocast_backbone(model, acc):
+    """Mixed precision for the ResNet and FPN only: their features return in fp32, so anchors, box decoding, losses
+    and ROI pooling stay fp32 (under a whole-model bf16 autocast torchvision decodes boxes in the head's dtype: 4 px
+    steps at 512-1023 px, 8 px above). The module and its state_dict keys are unchanged."""
+    fpn, forward = model.backbone, model.backbone.forward
+
+    def run(x):
+        with acc.autocast():
+            return OrderedDict((k, v.float()) for k, v in forward(x).items())
+
+    fpn.forward = run
+    return model
+
+
 @torch.no_grad()
 def evaluate(model, ds: Detection, gt: dict, masks: bool, acc, batch: int) -> dict:
     """COCO mAP (pycocotools) of `model` on `ds`: each process predicts its share of the images."""
@@ -177,8 +192,7 @@ def evaluate(model, ds: Detection, gt: dict, masks: bool, acc, batch: int) -> di
     mine = torch.utils.data.Subset(ds, range(acc.process_index, len(ds), acc.num_processes))
     dets = []
     for images, targets in torch.utils.data.DataLoader(mine, batch_size=batch, collate_fn=lambda b: tuple(zip(*b))):
-        with acc.autocast():
-            outputs = model([im.to(acc.device) for im in images])
+        outputs = model([im.to(acc.device) for im in images])  # the backbone under autocast (autocast_backbone)
         for t, o in zip(targets, outputs):
             boxes = o["boxes"].float().cpu()
             boxes[:, 2:] -= boxes[:, :2]  # -> [x, y, w, h]
@@ -250,7 +264,7 @@ def main(
 
     # 2. model, optimizer (SGD momentum 0.9), data
     torch.manual_seed(seed)
-    model = build(net, len(train_gt["categories"]), masks, sync_bn, min_size, max_size)
+    model = autocast_backbone(build(net, len(train_gt["categories"]), masks, sync_bn, min_size, max_size), acc)
     if sync_bn and acc.num_processes > 1 and acc.device.type == "cuda":
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     base_lr = lr * batch_size / 16
@@ -276,8 +290,7 @@ def main(
             for images, targets in loader:
                 lr_now = fm.lr_at(step, iters, base_lr, warmup, 0.001, milestones)  # detectron2: warmup from lr/1000
                 fm.set_lr(optimizer, lr_now)
-                with acc.autocast():
-                    losses = model(list(images), list(targets))
+                losses = model(list(images), list(targets))  # the backbone under autocast (autocast_backbone)
                 loss = sum(losses.values())
                 optimizer.zero_grad(set_to_none=True)
                 acc.backward(loss)
