@@ -286,9 +286,18 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     _, ws = world()
     if ws == 1:
         return x
+    x = x.contiguous()  # the outputs in the input's layout (a channels_last x would give channels_last outputs)
     out = [torch.empty_like(x) for _ in range(ws)]
-    dist.all_gather(out, x.contiguous())
+    dist.all_gather(out, x)
     return torch.cat(out)
+
+
+def to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor (a permutation, indices, weights) onto `device`; on CUDA through pinned memory and
+    asynchronously, so the host does not wait for the queued GPU work (a pageable copy does)."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 @torch.no_grad()
@@ -299,9 +308,9 @@ def shuffle_bn_forward(encoder: nn.Module, x: torch.Tensor, generator: torch.Gen
     rank, ws = world()
     b = x.shape[0]
     if ws == 1:  # one process: the shuffle matters with SplitBatchNorm (MoCo's single-GPU stand-in), not otherwise
-        perm = torch.randperm(b, generator=generator).to(x.device)
+        perm = to_device(torch.randperm(b, generator=generator), x.device)
         return encoder(x[perm]).float()[torch.argsort(perm)]
-    perm = torch.randperm(b * ws, generator=generator).to(x.device)
+    perm = to_device(torch.randperm(b * ws, generator=generator), x.device)
     k = gather(encoder(gather(x)[perm[rank * b:(rank + 1) * b]]).float())  # (ws*b, d), shuffled order
     return k[torch.argsort(perm)][rank * b:(rank + 1) * b]
 
@@ -362,6 +371,11 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         return y
 
 
+def channels_last(x: torch.Tensor) -> bool:
+    """x is stored channels_last (and not also contiguous, as 1x1 maps and single channels are)."""
+    return x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
 class SplitBatchNorm(nn.BatchNorm2d):
     """MoCo's one-GPU stand-in for shuffle-BN (its official CIFAR-10 demo: 8 splits): in training, the batch is
     normalised as `splits` groups (samples i, i + splits, ...) with their own statistics, as if spread over that many
@@ -384,7 +398,8 @@ class SplitBatchNorm(nn.BatchNorm2d):
             self.running_mean.copy_(mean.view(S, C).mean(0))
             self.running_var.copy_(var.view(S, C).mean(0))
             self.num_batches_tracked += 1
-        return y.reshape(x.shape)
+        y = y.reshape(x.shape)  # the grouping reshape copies a channels_last x to NCHW: hand the next layer its format
+        return y.contiguous(memory_format=torch.channels_last) if channels_last(x) else y
 
 
 def split_bn(module: nn.Module, splits: int) -> nn.Module:

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms import v2
 
+from fastmoco import to_device
+
 # The parameter slots of each op in a view's row, in the order of its transforms:
 # crop: top, left, height, width (pixels of the original image), its H, W; jitter: applied, brightness, contrast,
 # saturation, hue factors (NaN: not drawn), the order of the four; blur: applied, sigma; others: applied.
@@ -222,7 +224,8 @@ def apply(view_ops, src, placed, params):
         elif kind == "flip":
             x = torch.where(on, x.flip(-1), x)
         else:
-            mean, std = (torch.tensor(v, device=x.device, dtype=x.dtype).view(1, -1, 1, 1) for v in (t.mean, t.std))
+            mean, std = (to_device(torch.tensor(v), x.device).to(x.dtype).view(1, -1, 1, 1)
+                         for v in (t.mean, t.std))
             x = (x - mean) / std
     return x
 

@@ -91,7 +91,7 @@ def combine_with(f: torch.Tensor, P: int, subsets, op: str = "mean", lam: float 
     beta (weights ~ Dirichlet(alpha), i.e. (l, 1 - l) with l ~ Beta(alpha, alpha) for pairs, drawn per image and
     subset from the CPU generator); max (elementwise)."""
     D = f.shape[-1]
-    g = f.reshape(P, -1, D)[torch.tensor(subsets, device=f.device)]  # (C, k, N, D)
+    g = f.reshape(P, -1, D)[fm.to_device(torch.tensor(subsets), f.device)]  # (C, k, N, D)
     C, k, N, _ = g.shape
     if op == "max":
         return g.amax(1).reshape(-1, D)
@@ -103,7 +103,7 @@ def combine_with(f: torch.Tensor, P: int, subsets, op: str = "mean", lam: float 
         w = torch.distributions.Dirichlet(torch.full((k,), float(alpha))).sample((C, N)).permute(0, 2, 1)
     else:
         raise ValueError(f"unknown combine {op!r}: choose one of {', '.join(COMBINES)}")
-    return (w.to(f.device, f.dtype)[..., None] * g).sum(1).reshape(-1, D)
+    return (fm.to_device(w.contiguous(), f.device).to(f.dtype)[..., None] * g).sum(1).reshape(-1, D)
 
 
 # ----------------------------------------------------------------------------- input-side constructions (Table 4a)
@@ -115,8 +115,8 @@ def random_crops(x: torch.Tensor, n: int, count: int) -> torch.Tensor:
     N, _, H, W = x.shape
     h, w = H // n, W // n
     top, left = torch.randint(0, H - h + 1, (count * N,)), torch.randint(0, W - w + 1, (count * N,))
-    rows = (top[:, None] + torch.arange(h)).to(x.device)  # (M, h)
-    cols = (left[:, None] + torch.arange(w)).to(x.device)  # (M, w)
+    rows = fm.to_device(top[:, None] + torch.arange(h), x.device)  # (M, h)
+    cols = fm.to_device(left[:, None] + torch.arange(w), x.device)  # (M, w)
     img = torch.arange(N, device=x.device).repeat(count)  # crop c of image i is row c*N + i
     return x[img[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2).contiguous()
 

@@ -55,8 +55,8 @@ def step_rows(arch, size, batch, device, precision, steps, warmup, compile_backe
         if cuda:
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
-        step, _, _ = setup(method, arch, size, batch, device, precision, channels_last=True,
-                           compile_backend=backend)
+        step = setup(method, arch, size, batch, device, precision, channels_last=True,
+                     compile_backend=backend)[0]  # only `step` holds the model: `del step` frees it before the next
         t = interleaved({"step": step}, steps, warmup + (2 if backend else 0), device)["step"]
         rows.append({"method": method, "torch.compile": backend or "off", "step_ms": f"{1e3 * t:.1f}",
                      "img/s": f"{batch / t:.1f}",

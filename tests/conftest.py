@@ -10,6 +10,11 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+# The suite checks the project's logic, bit for bit, on the CPU of any machine. A visible GPU would let Accelerate
+# and every subprocess run pick CUDA: non-deterministic cuDNN under the bit-exact resume tests, and CPU-only refusals
+# (bf16 on 1x1 maps) that CUDA does not make. Hidden here, before anything initialises CUDA; the CUDA paths are
+# checked by bench/device_check.sh.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 METHODS = ("fastmoco", "mocov3", "mocov2", "mocov1")
 
 

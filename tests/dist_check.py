@@ -66,4 +66,8 @@ assert torch.allclose(mean_loss, ref_loss, rtol=1e-5, atol=1e-6), (mean_loss.ite
 for (name, p), r in zip(model.named_parameters(), ref.parameters()):
     if r.grad is not None or p.grad is not None:
         assert torch.allclose(p.grad, r.grad, rtol=1e-3, atol=1e-6), f"gradient of {name} differs"
+# gather of a channels_last tensor (shuffle-BN gathers pretrain.py's channels_last views): rank order, values kept
+local = (torch.arange(96.0).view(2, 3, 4, 4) + 100 * rank).contiguous(memory_format=torch.channels_last)
+assert torch.equal(fm.gather(local), torch.cat([torch.arange(96.0).view(2, 3, 4, 4) + 100 * r for r in range(2)]))
+
 print(f"OK rank {rank} local {acc.local_process_index} world {world} {method} loss {mean_loss.item():.6f} == {ref_loss.item():.6f}")

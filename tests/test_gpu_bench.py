@@ -62,3 +62,11 @@ def test_gpu_bench_without_cuda_says_what_to_do():
     p = subprocess.run([sys.executable, "-m", "bench.gpu"], capture_output=True, text=True, cwd=ROOT, timeout=120,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 1 and "--quick" in p.stderr.strip().splitlines()[-1]
+
+
+def test_the_suite_hides_cuda_from_itself_and_its_subprocesses():
+    """On a CUDA machine too, every test and subprocess runs on the CPU (conftest.py): the bit-exact tests hold."""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "" and not torch.cuda.is_available()
+    probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+                           capture_output=True, text=True, check=True)
+    assert probe.stdout.strip() == "0"

@@ -172,6 +172,18 @@ def test_split_batchnorm_against_a_loop():
                                                                 bn.bias, False), rtol=0, atol=0)
 
 
+def test_split_batchnorm_keeps_channels_last():
+    """A channels_last input (pretrain.py's default on GPUs) leaves in channels_last, with the same values: the layers
+    after every split BN would otherwise run on NCHW copies."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 3, 4, 4)
+    bn = fm.SplitBatchNorm(3, splits=4)
+    y = bn(x.contiguous(memory_format=torch.channels_last))
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    torch.testing.assert_close(y, split_bn_reference(x, bn, 4), rtol=1e-5, atol=1e-5)
+    assert bn(x).is_contiguous()
+
+
 def test_split_bn_keeps_torchvision_keys_and_one_process_shuffle_changes_the_groups():
     torch.manual_seed(0)
     net = fm.resnet("resnet18", small_stem=True)
