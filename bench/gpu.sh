@@ -6,4 +6,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python -m bench.gpu --device cuda "$@"
+python3 -m bench.gpu --device cuda "$@"

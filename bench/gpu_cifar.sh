@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# Full CIFAR-10 (50,000 / 10,000 images, ResNet-18 CIFAR stem, 32 px, --recipe small) on one GPU, sized for <= 8 minutes
-# on a current GPU: Fast-MoCo vs its Table 4b baseline (fastmoco --no-patches) vs MoCo v3 at equal epochs, one seed.
-# Prints the kNN table and writes runs/gpu-cifar/knn.png. Usage: bash bench/gpu_cifar.sh [CIFAR-10 parquet folder]
-# Not yet run on a GPU (none was lent to this project): the epoch count is an estimate, lower EPOCHS if it runs long.
+# Full CIFAR-10 (50,000 / 10,000 images, ResNet-18 CIFAR stem, 32 px, --recipe small) on one GPU: Fast-MoCo vs its
+# Table 4b baseline (fastmoco --no-patches) vs MoCo v3 at equal epochs, one seed. Prints the kNN table and writes
+# runs/gpu-cifar/knn.png. Usage: bash bench/gpu_cifar.sh [CIFAR-10 parquet folder, default .data/cifar10, which
+# bench/device_prepare.sh fills]. Not yet run on a GPU (none was lent to this project): EPOCHS=15 is an estimate of
+# 8 minutes on an H100/H200; bench/device_check.sh's last row times one Fast-MoCo run first: size EPOCHS from it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-DATA=${1:-../shared/data/cifar10}
+DATA=${1:-.data/cifar10}
 EPOCHS=${EPOCHS:-15}
+if ! ls "$DATA"/train-*.parquet > /dev/null 2>&1; then  # bench/small_data skips (exit 0) without data: not here
+    echo "error: no CIFAR-10 parquet files in $DATA: run bench/device_prepare.sh (and carry .data), or pass the folder"
+    exit 1
+fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python -m bench.small_data --data "$DATA" --runs claim --seeds 0 --train-images 50000 --test-images 10000 \
+python3 -m bench.small_data --data "$DATA" --runs claim --seeds 0 --train-images 50000 --test-images 10000 \
     --epochs "$EPOCHS" --batch-size 512 --knn-every 5 --workers "$(( $(nproc) - 1 ))" --mixed-precision bf16 \
     --out runs/gpu-cifar

@@ -70,3 +70,41 @@ def test_the_suite_hides_cuda_from_itself_and_its_subprocesses():
     probe = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
                            capture_output=True, text=True, check=True)
     assert probe.stdout.strip() == "0"
+
+
+@pytest.mark.slow
+def test_device_check_quick_mode_runs_every_part(tmp_path):
+    """bench/device_check.py's CPU smoke run: the SIGKILL + resume rows are bit-exact on the CPU, every row ok."""
+    p = subprocess.run([sys.executable, "-m", "bench.device_check", "--quick", "--out", str(tmp_path)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rows = [r for r in p.stdout.split("\n\n")[-2].splitlines()[2:]]
+    assert all(r.endswith("| ok |") for r in rows), rows
+    resumed = [r for r in rows if "SIGKILL + resume" in r]
+    assert len(resumed) == 2 and all("weights off by 0.0e+00" in r and "NOT killed" not in r for r in resumed)
+    assert any(r.startswith("| step fastmoco resnet18") for r in rows)
+    assert any(r.startswith("| loader: --augment-on device workers") for r in rows)
+
+
+def test_device_check_fails_loudly(monkeypatch, tmp_path):
+    """No CUDA, or no data, is one line and exit 1; a part that raises is a FAIL row and exit 1, the others still run."""
+    from typer.testing import CliRunner
+
+    from bench import device_check as dc
+
+    result = CliRunner().invoke(dc.app, ["--out", str(tmp_path)])
+    assert result.exit_code == 1 and "no CUDA device here" in result.output
+    monkeypatch.setattr(dc.torch.cuda, "is_available", lambda: True)
+    result = CliRunner().invoke(dc.app, ["--data", str(tmp_path / "absent"), "--out", str(tmp_path)])
+    assert result.exit_code == 1 and "holds no CIFAR-10 parquet files" in result.output
+
+    def broken(*a):
+        raise RuntimeError("CUDA error: out of memory")
+
+    monkeypatch.setattr(dc, "smoke_rows", broken)
+    monkeypatch.setattr(dc, "step_rows", lambda *a: [dict(check="step", result="1 ms", seconds="-", ok="ok")])
+    monkeypatch.setattr(dc, "loader_rows", lambda *a: [dict(pipeline="cpu", workers=0, **{"img/s": "1"})])
+    result = CliRunner().invoke(dc.app, ["--quick", "--out", str(tmp_path)])
+    assert result.exit_code == 1
+    assert "| (a part of the check) | RuntimeError: CUDA error: out of memory | - | FAIL |" in result.output
+    assert "| step | 1 ms | - | ok |" in result.output and (tmp_path / "table.md").is_file()
