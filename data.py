@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torchvision.transforms import v2
 
@@ -422,11 +423,38 @@ def probe_transforms(size: int):
 
 
 def with_labels(ds, column: str, transform, label: str = "label"):
-    """Examples {x: transformed image, y: label}: a lazy transform on map-style data, a lazy map on streamed data."""
+    """Examples {x: transformed image, y: label, ok: decoded}: a lazy transform on map-style data, a lazy map on
+    streamed data. Images are decoded here (load_rgb): an undecodable one is warned about and stands in as a black
+    image with ok False, so batches and multi-process gathers keep their sizes; the consumers drop it (valid_rows)."""
+    import datasets
+
+    if isinstance((ds.features or {}).get(column), datasets.Image):
+        ds = ds.cast_column(column, datasets.Image(decode=False))
+    blank = Image.new("RGB", (256, 256))
+
+    def one(value):
+        img = load_rgb(value)
+        if img is None:
+            skipped(value.get("path") or "(no file name)" if isinstance(value, dict) else "(no file name)")
+        return transform(blank if img is None else img), img is not None
+
     if isinstance(ds, torch.utils.data.IterableDataset):
-        return ds.map(lambda ex: {"x": transform(ex[column].convert("RGB")), "y": ex[label]},
-                      remove_columns=ds.column_names)
-    return ds.with_transform(lambda b: {"x": [transform(im.convert("RGB")) for im in b[column]], "y": b[label]})
+        return ds.map(lambda ex: dict(zip(("x", "ok"), one(ex[column])), y=ex[label]), remove_columns=ds.column_names)
+
+    def batch(b):
+        x, ok = zip(*map(one, b[column])) if b[column] else ((), ())
+        return {"x": list(x), "y": b[label], "ok": list(ok)}
+
+    return ds.with_transform(batch)
+
+
+def labelled_loss(logits, y):
+    """Cross-entropy over a with_labels batch whose labels of undecodable images are IGNORE (dropped; a batch of
+    only those gives 0 and no gradient, where a mean would give NaN)."""
+    return F.cross_entropy(logits, y, ignore_index=IGNORE, reduction="sum") / (y != IGNORE).sum().clamp(min=1)
+
+
+IGNORE = -100  # the label of an undecodable image in a training batch (F.cross_entropy's ignore_index)
 
 
 def num_classes(ds, label: str = "label") -> int:

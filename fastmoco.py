@@ -596,10 +596,52 @@ def save_checkpoint(path, tensors: dict, metadata: dict):
         save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-    except (SafetensorError, OSError) as e:  # full disk, quota, file size limit: `path` is untouched
+        share_as_umask_says(tmp)
+        os.replace(tmp, path)
+    except (SafetensorError, OSError) as e:  # full disk, quota, file size limit, `path` a folder: `path` is untouched
         tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {e}") from None
-    os.replace(tmp, path)
+        raise OSError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
+
+
+def umask() -> int:
+    """The process's umask. Read from /proc on Linux: setting it to read it (os.umask) would change it for a moment
+    for every thread of the process."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def share_as_umask_says(path):
+    """Give a file 0666 & ~umask, a folder 0777 & ~umask, as open() and mkdir() would have. Temporary files and
+    folders are made 0600 / 0700 (safetensors' save_file, tempfile.mkdtemp), and renaming one into place keeps that:
+    on a shared cluster teammates could not read the weights."""
+    try:
+        os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
+    except OSError:  # a file system without modes (some network / FUSE mounts): the write itself is fine
+        pass
+
+
+def writable(path, folder: bool = False):
+    """Raise OSError('cannot write PATH: why') now, before any work, if PATH (a file, or a folder written whole and
+    renamed into place) cannot be written later: its parent cannot be made or written to, or a file's PATH is a
+    folder. Makes the missing parent folders, as the writers would."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # FileExistsError or NotADirectoryError when a parent is a file
+        blocker = next((p for p in path.parents if p.is_file()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else e.strerror or str(e)
+        raise OSError(f"cannot write {path}: {why}") from None
+    if path.is_dir() and not folder:
+        raise OSError(f"cannot write {path}: it is a folder")
+    if not os.access(path.parent, os.W_OK | os.X_OK):  # also False on a read-only file system
+        raise OSError(f"cannot write {path}: Permission denied")
 
 
 def tensors_hash(tensors: dict) -> str:

@@ -18,14 +18,14 @@ from typing import Annotated, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import typer
 from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
 import runs
-from data import load_split, num_classes, probe_transforms, process_shards, sample_seed, with_labels
+from data import (IGNORE, labelled_loss, load_split, num_classes, probe_transforms, process_shards, sample_seed,
+                  with_labels)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
@@ -99,16 +99,19 @@ def encode(backbone, ds, column, transform, batch, workers, acc, progress, what)
                                                      num_workers=workers))
     streamed = isinstance(ds, torch.utils.data.IterableDataset)  # no length to show
     task = progress.add_task(f"encode {what}", total=None if streamed else len(loader), info="")
-    feats, labels = [], []
+    feats, labels, bad = [], [], 0
     for b in loader:
         with acc.autocast():
             f = backbone(b["x"])
-        f, y = acc.gather_for_metrics((f.float(), b["y"]))
-        feats.append(f)
-        labels.append(y)
+        f, y, ok = acc.gather_for_metrics((f.float(), b["y"], b["ok"]))
+        feats.append(f[ok])  # undecodable images (data.with_labels) leave no row
+        labels.append(y[ok])
+        bad += len(ok) - int(ok.sum())
         progress.advance(task)
     progress.remove_task(task)
-    return torch.cat(feats), torch.cat(labels)
+    if not sum(map(len, labels)):
+        fail(f"no image of the {what} split could be decoded (the 'skipped undecodable image' warnings name them)")
+    return torch.cat(feats), torch.cat(labels), bad
 
 
 @torch.no_grad()
@@ -175,14 +178,14 @@ def augmented_batches(backbone, loader, steps, acc):
     for b in itertools.islice(loader, steps):
         with torch.no_grad(), acc.autocast():
             f = backbone(b["x"].to(acc.device))
-        yield f.float(), b["y"].to(acc.device)
+        yield f.float(), torch.where(b["ok"], b["y"], IGNORE).to(acc.device)  # undecodable: left out of the loss
 
 
 def train_epoch(fc, optimizer, batches, step, total, base_lr, acc, progress, task) -> tuple:
     """One epoch of the classifier on (features, labels) batches, lr per iteration. -> (step, last loss)."""
     for f, y in batches:
         fm.set_lr(optimizer, fm.lr_at(step, total, base_lr))
-        loss = F.cross_entropy(fc(f), y)
+        loss = labelled_loss(fc(f), y)
         optimizer.zero_grad(set_to_none=True)
         acc.backward(loss)
         optimizer.step()
@@ -282,11 +285,12 @@ def main(
     output_dir.mkdir(parents=True, exist_ok=True)
     log = open(output_dir / "log.jsonl", "w") if acc.is_main_process else None
     with progress:
-        val_f, val_y = encode(backbone, val, image_column, test_tf, B // world, workers, acc, progress, val_name)
+        val_f, val_y, bad = encode(backbone, val, image_column, test_tf, B // world, workers, acc, progress, val_name)
         train_f = train_y = loader = None
         if cached_features or knn:
-            train_f, train_y = encode(backbone, train, image_column, test_tf, B // world, workers, acc, progress,
-                                      "train")
+            train_f, train_y, bad_train = encode(backbone, train, image_column, test_tf, B // world, workers, acc,
+                                                 progress, "train")
+            bad += bad_train
         if cached_features:
             per_epoch = max(1, len(train_f) // B)
             B = min(B, len(train_f))
@@ -324,7 +328,8 @@ def main(
                    val_images=len(val_y), val_split=val_name, classes=classes, arch=meta["arch"],
                    small_stem=meta["small_stem"], image_size=image_size, cached_features=cached_features,
                    checkpoint=str(ckpt), method=meta.get("method"), world_size=world,
-                   recipe=recipe.value if recipe else saved.get("recipe", "imagenet"), lr=lr, batch_size=batch_size)
+                   recipe=recipe.value if recipe else saved.get("recipe", "imagenet"), lr=lr, batch_size=batch_size,
+                   undecodable_images=bad)
     if knn:
         results.update(knn_top1=knn_top1, knn_k=knn_k, knn_t=knn_t)
     if acc.is_main_process:

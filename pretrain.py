@@ -426,8 +426,9 @@ def main(
     loss_fn = functools.partial(step_loss, method=method.value, variant=variant, tau=r["tau"], patches=patches,
                                 same_view=same_view, seed=seed, rank=acc.process_index)
     window = runs.Window(acc, step, point[2].get("train_seconds", 0.0) if point else 0.0)  # between two log rows
-    knn = [runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size, window,
-                        knn_bank_size, seed, workers)] if knn_every and step == 0 else []
+    with user_errors():  # no decodable image in a kNN split
+        knn = [runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size, window,
+                            knn_bank_size, seed, workers)] if knn_every and step == 0 else []
     bad = 0  # undecodable images replaced (map-style) or skipped (streaming), this process
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
@@ -460,8 +461,9 @@ def main(
                                                    skipped, lr_now, m, skip_nonfinite, max_bad_fraction, output_dir))
             progress.update(task, completed=step)
             if knn_every and step % (knn_every * per_epoch) == 0:
-                knn.append(runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
-                                        image_size, window, knn_bank_size, seed, workers))
+                with user_errors():
+                    knn.append(runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
+                                            image_size, window, knn_bank_size, seed, workers))
             if save_every and step % save_every == 0 and step < stop:
                 save(acc, output_dir / f"ckpt-{step:07d}.safetensors", online, target, optimizer, queue, ptr, cursor,
                      at_step(meta, step, per_epoch, skipped, window), keep)

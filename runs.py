@@ -286,7 +286,7 @@ class LabelledStream(torch.utils.data.IterableDataset):
             y = ex["label"]
             if counts.get(y, 0) < per_class and (img := load_rgb(ex[self.column])) is not None:
                 counts[y], kept = counts.get(y, 0) + 1, kept + 1
-                yield {"x": self.transform(img), "y": y}
+                yield {"x": self.transform(img), "y": y, "ok": True}  # undecodable images were skipped above
 
 
 def knn_split(ds, column, transform, rank, world, workers, size=0, seed=0):
@@ -323,9 +323,10 @@ def knn_features(backbone, ds, workers, batch, dtype, acc) -> tuple:
     f, y = [torch.zeros(0, backbone.dim, dtype=dtype, device=acc.device)], [torch.zeros(0, dtype=torch.long,
                                                                                             device=acc.device)]
     for b in torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers):
+        ok = b["ok"].to(acc.device)  # undecodable images (data.with_labels) leave no row
         with acc.autocast():
-            f.append(normalized(backbone(b["x"].to(acc.device)), dtype))
-        y.append(b["y"].to(acc.device))
+            f.append(normalized(backbone(b["x"].to(acc.device)), dtype)[ok])
+        y.append(b["y"].to(acc.device)[ok])
     return torch.cat(f), torch.cat(y)
 
 
@@ -341,6 +342,9 @@ def knn_top1(backbone, train, val, column, size, acc, bank_size=0, seed=0, worke
     bank, bank_y = gather_rows(acc, bank)[:bank_size or None], gather_rows(acc, bank_y)[:bank_size or None]
     q, q_y = knn_features(backbone, *knn_split(val, column, t, rank, world, workers), batch, dtype, acc)
     backbone.train()
+    if not len(bank) or not acc.reduce(torch.tensor(len(q_y), device=acc.device), "sum").item():
+        raise ValueError("no image of the kNN monitor's train or validation split could be decoded (the 'skipped "
+                         "undecodable image' warnings name them): fix the data, or drop --knn-every")
     pred = knn_predict(q, bank, bank_y, int(bank_y.max()) + 1)
     hits, seen = acc.reduce(torch.tensor([int((pred == q_y).sum()), len(q_y)], device=acc.device), "sum").tolist()
     return 100.0 * hits / seen, len(bank)

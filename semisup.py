@@ -18,13 +18,12 @@ from typing import Annotated, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import typer
 from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
-from data import load_split, num_classes, probe_transforms, with_labels
+from data import IGNORE, labelled_loss, load_split, num_classes, probe_transforms, with_labels
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
 
@@ -119,11 +118,14 @@ def evaluate(net, ds, column, transform, batch, workers, acc):
     for b in loader:
         with acc.autocast():
             out = net(b["x"])
-        out, y = acc.gather_for_metrics((out.float(), b["y"]))
-        logits.append(out)
-        labels.append(y)
+        out, y, ok = acc.gather_for_metrics((out.float(), b["y"], b["ok"]))
+        logits.append(out[ok])  # undecodable images (data.with_labels) leave no row
+        labels.append(y[ok])
     net.train()
     logits, y = torch.cat(logits), torch.cat(labels)
+    if not len(y):
+        fail("no image of the validation split could be decoded (the 'skipped undecodable image' warnings name "
+             "them)")
     top = logits.topk(min(5, logits.shape[1]), dim=1).indices  # (n, 5)
     return [100.0 * (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in (1, 5)]
 
@@ -222,8 +224,8 @@ def main(
             for b in loader:
                 for g in optimizer.param_groups:
                     g["lr"] = fm.lr_at(step, total, g["base_lr"], milestones=milestones, gamma=GAMMA)
-                with acc.autocast():
-                    loss = F.cross_entropy(model(b["x"]), b["y"])
+                with acc.autocast():  # undecodable images (data.with_labels) are left out of the loss
+                    loss = labelled_loss(model(b["x"]), torch.where(b["ok"], b["y"], IGNORE))
                 optimizer.zero_grad(set_to_none=True)
                 acc.backward(loss)
                 optimizer.step()

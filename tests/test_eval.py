@@ -1,6 +1,7 @@
 """linear_probe.py and semisup.py end to end (subprocesses on parquet files the tests write), their self-checks, the
 subset rules, and one-line errors for bad inputs."""
 
+import io
 import json
 import math
 import os
@@ -253,3 +254,70 @@ def test_two_processes_equal_one(labelled, pretrained, tmp_path):
     a, _ = fm.load_checkpoint(tmp_path / "one/linear.safetensors")
     b, _ = fm.load_checkpoint(tmp_path / "two/linear.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_with_labels_marks_undecodable_images_and_the_loss_leaves_them_out(capsys):
+    """An undecodable image is a row with ok False (a blank view of the right shape, a warning naming its file);
+    labelled_loss ignores its label, and a batch of only such rows gives 0, not NaN."""
+    from data import IGNORE, labelled_loss, with_labels
+
+    good = colours(3, 0)
+    raw = [{"bytes": b"\xff\xd8\xff broken", "path": "cat/7.jpg"}] + [
+        {"bytes": im["bytes"], "path": None} for im in good.cast_column("image", datasets.Image(decode=False))["image"]]
+    ds = datasets.Dataset.from_dict({"image": raw, "label": [5, 0, 1, 2]},
+                                    features=datasets.Features(image=datasets.Image(), label=datasets.Value("int64")))
+    b = next(iter(torch.utils.data.DataLoader(with_labels(ds, "image", clean_transform(32)), batch_size=4)))
+    assert b["ok"].tolist() == [False, True, True, True] and b["x"].shape == (4, 3, 32, 32)
+    assert "skipped undecodable image cat/7.jpg" in capsys.readouterr().err
+    logits = torch.randn(4, 8, requires_grad=True)
+    y = torch.where(b["ok"], b["y"], IGNORE)
+    torch.testing.assert_close(labelled_loss(logits, y), torch.nn.functional.cross_entropy(logits[1:], b["y"][1:]))
+    none = labelled_loss(logits, torch.full((4,), IGNORE))
+    none.backward()
+    assert none.item() == 0 and logits.grad.abs().sum() == 0
+
+
+@pytest.fixture(scope="module")
+def broken(tmp_path_factory):
+    """Labelled data with one truncated JPEG in each split: a parquet folder and an image folder (class subfolders)."""
+    from data import demo_dataset
+
+    d = tmp_path_factory.mktemp("broken")
+    jpeg = io.BytesIO()
+    Image.new("RGB", (32, 32), (200, 10, 10)).save(jpeg, "JPEG")
+    truncated = jpeg.getvalue()[:len(jpeg.getvalue()) // 2]
+    for split, n in (("train", 48), ("test", 20)):
+        ds = demo_dataset(split).select(range(n)).cast_column("image", datasets.Image(decode=False))
+        rows = [{"bytes": truncated, "path": f"{split}-broken.jpg"}] + list(ds["image"])
+        labels = [0] + list(ds["label"])
+        datasets.Dataset.from_dict({"image": rows, "label": labels}, features=datasets.Features(
+            image=datasets.Image(), label=ds.features["label"])).to_parquet(str(d / "parquet" / f"{split}-0.parquet"))
+        for i, (im, y) in enumerate(zip(rows, labels)):
+            folder = d / "folder" / split / f"class{y}"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"{i}.jpg").write_bytes(im["bytes"])
+    return d
+
+
+@pytest.mark.slow
+def test_evaluations_skip_and_count_undecodable_images(broken, pretrained, tmp_path):
+    """One truncated JPEG per split: linear_probe (augmented views on parquet; cached features and kNN on an image
+    folder), semisup and pretrain.py's kNN monitor warn, leave it out, count it, and finish."""
+    ckpt = pretrained["mocov3"]
+    common = ["--epochs", 1, "--batch-size", 16, "--workers", 0]
+    p = stage("linear_probe.py", ckpt, "--data", broken / "parquet", *common, "--output-dir", tmp_path / "lp")
+    r = json.loads((tmp_path / "lp" / "results.json").read_text())
+    assert r["undecodable_images"] == 1 and r["val_images"] == 20, r
+    assert "skipped undecodable image test-broken.jpg" in p.stderr and "train-broken.jpg" in p.stderr
+    stage("linear_probe.py", ckpt, "--data", broken / "folder", *common, "--cached-features", "--knn",
+          "--output-dir", tmp_path / "lp2")
+    r = json.loads((tmp_path / "lp2" / "results.json").read_text())
+    assert r["undecodable_images"] == 2 and r["val_images"] == 20 and math.isfinite(r["knn_top1"]), r
+    stage("semisup.py", ckpt, "--data", broken / "parquet", "--fraction", 0.5, *common, "--output-dir",
+          tmp_path / "semi")
+    assert json.loads((tmp_path / "semi" / "results.json").read_text())["val_images"] == 21
+    p = stage("pretrain.py", "--data", broken / "parquet", "--arch", "resnet18", "--image-size", 32,
+              "--no-small-stem", "--batch-size", 8, "--max-steps", 1, "--knn-every", 1, "--workers", 0,
+              "--no-tensorboard", "--max-bad-fraction", 0.1, "--output-dir", tmp_path / "pre")
+    knn = [json.loads(x) for x in (tmp_path / "pre" / "log.jsonl").read_text().splitlines() if "knn_top1" in x]
+    assert len(knn) == 1 and knn[0]["knn_bank"] == 48, knn

@@ -10,6 +10,7 @@ DetectionCheckpointer reads for .pkl files. fc.* and BN num_batches_tracked are 
 Writing a pickle of numpy arrays is what detectron2 needs; nothing here ever reads one.
 """
 
+import os
 import pickle
 import re
 from pathlib import Path
@@ -43,6 +44,19 @@ def to_detectron2(state_dict: dict) -> dict:
     return {"model": model, "__author__": "fastmoco", "matching_heuristics": True}
 
 
+def write(output: Path, obj: dict):
+    """Pickle `obj` to a temporary sibling, then rename it to `output`: never a half-written .pkl (a full disk, a
+    folder that went away), and an earlier file stays until the new one is complete."""
+    tmp = output.with_name(f".{output.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:  # open() makes it 0666 & ~umask, as any file
+            pickle.dump(obj, f)
+        os.replace(tmp, output)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        fail(f"cannot write {output}: {e.strerror or e}: choose another output path")
+
+
 @app.command()
 def main(
     ckpt: Annotated[Path, typer.Argument(help="pretrain.py checkpoint, or torchvision ResNet weights (safetensors).")],
@@ -54,15 +68,17 @@ def main(
     if output.suffix != ".pkl":
         fail(f"{output} must end in .pkl: detectron2 reads its own weight format only from .pkl files")
     try:
+        fm.writable(output)
+    except OSError as e:
+        fail(f"{e}: choose another output path")
+    try:
         net, meta = fm.load_backbone(ckpt, arch)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if meta["small_stem"]:
         fail(f"{ckpt} has the small 3x3 stem; detectron2's ResNet stem is 7x7: convert a standard-stem checkpoint")
     obj = to_detectron2(net.state_dict())
-    output.parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "wb") as f:
-        pickle.dump(obj, f)
+    write(output, obj)
     print(f"wrote {output}: {meta['arch']} ({meta.get('method') or 'torchvision weights'}), {len(obj['model'])} "
           "tensors")
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 
@@ -119,22 +120,26 @@ def model_card(meta: dict, arch: str, licence: str, results: list, repo: Optiona
 def write_folder(out: Path, files: dict):
     """Write {name: writer(path)} into a temporary sibling folder, then move it to `out` (replacing an earlier export
     only after the new one is complete), so `out` is never a half-written folder."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     if out.exists() and not (out / "config.json").is_file():
         fail(f"{out} exists and is not an earlier export (no config.json): pass a new folder")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        fm.share_as_umask_says(tmp)  # mkdtemp makes it 0700, and the rename keeps that
         for name, write in files.items():
             write(tmp / name)
+            fm.share_as_umask_says(tmp / name)  # save_file writes 0600
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():
             os.replace(out, old)
         os.replace(tmp, out)
         shutil.rmtree(old, ignore_errors=True)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        fail(f"cannot write {out}: {e}")
+    except (OSError, SafetensorError) as e:  # the folder or its parent went away, a full disk
+        if tmp:
+            shutil.rmtree(tmp, ignore_errors=True)
+        fail(f"cannot write {out}: {getattr(e, 'strerror', None) or e}: choose another output folder")
 
 
 def push(out: Path, repo: str):
@@ -170,6 +175,10 @@ def main(
         help="Also upload the folder to this Hub repository (user/name), with huggingface_hub.")] = None,
 ):
     """Write CKPT's backbone as a timm model folder (timm's push_to_hf_hub layout); optionally upload it."""
+    try:
+        fm.writable(output, folder=True)
+    except OSError as e:
+        fail(f"{e}: choose another output folder")
     try:
         net, meta = fm.load_backbone(ckpt)
     except (ValueError, FileNotFoundError) as e:
