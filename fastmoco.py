@@ -629,18 +629,15 @@ def share_as_umask_says(path):
 
 def writable(path, folder: bool = False):
     """Raise OSError('cannot write PATH: why') now, before any work, if PATH (a file, or a folder written whole and
-    renamed into place) cannot be written later: its parent cannot be made or written to, or a file's PATH is a
-    folder. Makes the missing parent folders, as the writers would."""
+    renamed into place) cannot be written later: a file's PATH is a folder, a parent is a file, or the nearest
+    existing parent cannot be written to. Makes nothing: a refused command leaves no empty folders behind."""
     path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:  # FileExistsError or NotADirectoryError when a parent is a file
-        blocker = next((p for p in path.parents if p.is_file()), None)
-        why = f"{blocker} is a file, not a folder" if blocker else e.strerror or str(e)
-        raise OSError(f"cannot write {path}: {why}") from None
     if path.is_dir() and not folder:
         raise OSError(f"cannot write {path}: it is a folder")
-    if not os.access(path.parent, os.W_OK | os.X_OK):  # also False on a read-only file system
+    nearest = next((p for p in path.absolute().parents if p.exists()), Path("/"))  # under a file nothing exists
+    if not nearest.is_dir():
+        raise OSError(f"cannot write {path}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):  # also False on a read-only file system
         raise OSError(f"cannot write {path}: Permission denied")
 
 

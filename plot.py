@@ -9,6 +9,7 @@ need `--knn-every N` to have kNN rows in their logs.
 """
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated
@@ -66,10 +67,31 @@ def draw(groups: dict, out: Path, title: str = "") -> Path:
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+    try:
+        save(fig, out, plt.rcParams["savefig.format"])
+    finally:
+        plt.close(fig)
     return out
+
+
+def save(fig, out: Path, default_format: str):
+    """fig as `out`, written to a temporary sibling and renamed: never a half-written image, and an earlier one stays
+    until the new one is complete. A path that cannot be written is a ValueError with a one-line message."""
+    if out.is_dir():
+        raise ValueError(f"cannot write {out}: it is a folder: choose another output path (-o)")
+    tmp = out.with_name(f".{out.name}.tmp")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fig.savefig(tmp, dpi=120, format=out.suffix[1:] or default_format)  # the format from `out`, not `tmp`
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    except OSError as e:
+        blocker = next((p for p in out.absolute().parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else e.strerror or str(e)
+        raise ValueError(f"cannot write {out}: {why}: choose another output path (-o)") from None
 
 
 @app.command()

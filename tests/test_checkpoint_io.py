@@ -6,8 +6,12 @@ are compared with the source modules themselves (matched by object or by value, 
 import copy
 import json
 import os
+import pickle
+import random
+import stat
 import subprocess
 import sys
+import warnings
 
 import pytest
 import timm
@@ -240,27 +244,84 @@ def test_resume_continues_from_imported_files(labelled, tmp_path):
         assert not torch.equal(tensors["backbone.conv1.weight"], before["backbone.conv1.weight"])  # it trained
 
 
-class Payload:
-    """Unpickling this runs code: it writes the marker file."""
+class Planted:
+    """Unpickling this calls fn(*args): each payload below writes MARKER."""
 
-    def __init__(self, marker):
-        self.marker = str(marker)
+    def __init__(self, fn, args):
+        self.fn, self.args = fn, args
 
     def __reduce__(self):
-        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+        return self.fn, self.args
 
 
-def test_malicious_pickle_never_runs(tmp_path):
-    evil, marker = tmp_path / "moco_v2_800ep_pretrain.pth.tar", tmp_path / "marker"
-    torch.save({"epoch": 800, "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}, "x": Payload(marker)},
-               evil)
-    with pytest.raises(SystemExit) as e:
-        call(iw, evil, tmp_path / "out.safetensors", steps_per_epoch=None)
-    msg = str(e.value)
-    assert msg.startswith("error: ") and "\n" not in msg and str(evil) in msg and "refused" in msg and "exec" in msg
+# payload -> the global a pickle of it names (os.system is posix.system on Linux)
+PLANTED = {"system": f"{os.system.__module__}.system", "Popen": "subprocess.Popen", "exec": "builtins.exec"}
+
+
+def plant(path, kind, fmt, marker):
+    """A MoCo-like checkpoint dict carrying a payload, as torch.save (a zip, pickle protocol 2) or pickle.dumps
+    (protocol 4+: frames, STACK_GLOBAL) writes it."""
+    payload = {"system": Planted(os.system, (f"echo pwned > {marker}",)),
+               "Popen": Planted(subprocess.Popen, (["sh", "-c", f"echo pwned > {marker}"],)),
+               "exec": Planted(exec, (f"open({str(marker)!r}, 'w').write('pwned')",))}[kind]
+    obj = {"epoch": 800, "state_dict": {"module.encoder_q.conv1.weight": torch.zeros(1)}, "x": payload}
+    if fmt == "torch.save":
+        torch.save(obj, path)
+    else:
+        path.write_bytes(pickle.dumps(obj))
+
+
+def unrestricted_load(path, fmt):
+    """The control: a load that trusts the file runs the payload (and waits for Popen's shell)."""
+    obj = torch.load(path, weights_only=False) if fmt == "torch.save" else pickle.loads(path.read_bytes())
+    if isinstance(obj["x"], subprocess.Popen):
+        obj["x"].wait()
+
+
+@pytest.mark.parametrize("fmt", ["torch.save", "pickle.dumps"])
+@pytest.mark.parametrize("kind", list(PLANTED))
+def test_planted_payloads_are_named_and_never_run(tmp_path, kind, fmt):
+    """torch names os/posix globals as 'unsupported GLOBAL posix.system whose module posix is blocked', others as
+    'Unsupported global: GLOBAL exec', and a plain pickle only as 'Unsupported operand 149': each is refused with
+    one line naming the global it wanted to run, without torch's warnings before it."""
+    evil, marker = tmp_path / "moco_v2_800ep_pretrain.pth.tar", tmp_path / "pwned"
+    plant(evil, kind, fmt, marker)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        msg = error(tmp_path, evil)
+    # a plain pickle also wants torch.storage._load_from_bytes for the tensor (it runs torch.load unrestricted)
+    wanted = msg.split(" it wants to run ")[1].split(" when loaded ")[0].split(", ")
+    assert msg.startswith(f"error: refused {evil}: it wants") and PLANTED[kind] in wanted, msg
+    assert not seen and not marker.exists()
+    unrestricted_load(evil, fmt)
+    assert marker.read_text().strip() == "pwned"
+
+
+def test_random_and_corrupt_bytes_say_why(tmp_path):
+    (tmp_path / "random.pth").write_bytes(b"\xbe" + random.Random(0).randbytes(4095))
+    assert "not a PyTorch checkpoint (Unsupported operand 190): pass" in error(tmp_path, tmp_path / "random.pth")
+    torch.save({"state_dict": {"conv1.weight": torch.zeros(64, 3, 7, 7)}}, tmp_path / "whole.pth")
+    data = (tmp_path / "whole.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[:len(data) // 2])  # an interrupted download
+    assert "cut.pth is not a PyTorch checkpoint (" in error(tmp_path, tmp_path / "cut.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    assert "empty.pth is empty" in error(tmp_path, tmp_path / "empty.pth")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind, fmt", [(k, f) for k in PLANTED for f in ("torch.save", "pickle.dumps")] +
+                         [("random", None)])
+def test_import_refusals_are_one_line_on_stderr(tmp_path, kind, fmt):
+    """As a user runs it: exit 1, exactly one line on stderr (no traceback, no UserWarning), no output, no payload."""
+    evil, marker = tmp_path / "evil.pth.tar", tmp_path / "pwned"
+    if kind == "random":
+        evil.write_bytes(b"\xbe" + random.Random(0).randbytes(4095))
+    else:
+        plant(evil, kind, fmt, marker)
+    p = stage("transfer/import_weights.py", evil, tmp_path / "out.safetensors", check=False)
+    why = "is not a PyTorch checkpoint (Unsupported operand 190)" if kind == "random" else PLANTED[kind]
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1 and why in p.stderr, p.stderr
     assert not marker.exists() and not (tmp_path / "out.safetensors").exists()
-    torch.load(evil, weights_only=False)  # the control: an unrestricted load does run it
-    assert marker.read_text() == "ran"
 
 
 def error(tmp_path, src, **kw):
@@ -280,7 +341,7 @@ def test_unsupported_and_broken_files(tmp_path, capsys):
     torch.save({"weights": {"head.weight": torch.zeros(3, 3)}}, tmp_path / "nested.pth")
     assert "holds no tensors" in error(tmp_path, tmp_path / "nested.pth")
     (tmp_path / "text.pth").write_text("not a checkpoint")
-    assert "not a readable torch.save file" in error(tmp_path, tmp_path / "text.pth")
+    assert "not a PyTorch checkpoint (Unsupported operand 110)" in error(tmp_path, tmp_path / "text.pth")
     torch.save([torch.zeros(1)], tmp_path / "list.pth")
     assert "not a checkpoint dict" in error(tmp_path, tmp_path / "list.pth")
     assert "does not exist" in error(tmp_path, tmp_path / "missing.pth.tar")
@@ -467,6 +528,28 @@ def test_export_refusals_and_upload(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr("huggingface_hub.HfApi", Down)
     assert "cannot upload to me/r18 (ConnectionError" in refused(push_to_hub="me/r18")
+
+
+@pytest.mark.parametrize("umask, file_mode, folder_mode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
+def test_outputs_are_as_readable_as_the_umask_says(tmp_path, umask, file_mode, folder_mode):
+    """Checkpoints (pretrain.py's ckpt*, linear.safetensors, finetuned.safetensors and imports all go through
+    fastmoco.save_checkpoint), the timm export folder and its files, the detectron2 .pkl: 0666 / 0777 & ~umask, as
+    any file a program makes, not the 0600 / 0700 of their temporary files; teammates on a shared cluster read them."""
+    mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
+    old = os.umask(umask)
+    try:
+        own_checkpoint(tmp_path / "ckpt.safetensors", "resnet18")  # fm.save_checkpoint
+        own_checkpoint(tmp_path / "ckpt.safetensors", "resnet18")  # again: replacing an earlier checkpoint
+        for _ in range(2):  # a new export, then one replacing it
+            call(export, tmp_path / "ckpt.safetensors", tmp_path / "hub", results=None, license=None,
+                 push_to_hub=None)
+        call(convert, tmp_path / "ckpt.safetensors", tmp_path / "d2.pkl", arch=None)
+    finally:
+        os.umask(old)
+    assert mode(tmp_path / "ckpt.safetensors") == mode(tmp_path / "d2.pkl") == file_mode
+    assert mode(tmp_path / "hub") == folder_mode
+    assert sorted((p.name, mode(p)) for p in (tmp_path / "hub").iterdir()) == [
+        (name, file_mode) for name in ("README.md", "config.json", "model.safetensors")]
 
 
 @pytest.mark.slow

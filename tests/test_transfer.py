@@ -1,7 +1,9 @@
 """transfer/: the detectron2 conversion checked key by key against detectron2's ResNet layout (written down here),
-the detectron2 configs, and the torchvision detection fine-tune end to end on a tiny generated dataset."""
+the detectron2 configs, the torchvision detection fine-tune end to end on a tiny generated dataset, and the one-line
+errors of transfer/*.py and plot.py for output paths that cannot be written."""
 
 import json
+import os
 import pickle
 import random
 from pathlib import Path
@@ -15,8 +17,11 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import fastmoco as fm
+import plot
 import transfer.convert as convert
 import transfer.detect as detect
+import transfer.export_timm as export
+import transfer.import_weights as iw
 from conftest import METHODS, ROOT, call, stage
 
 
@@ -308,3 +313,96 @@ def test_detect_bad_sources(pretrained, detection_data, tmp_path):
     with pytest.raises(SystemExit, match="--masks needs COCO-format data"):
         call(detect, pretrained["fastmoco"], train=[f"{voc}:train"], val=[f"{voc}:val"], masks=True,
              output_dir=tmp_path)
+
+
+# ----------------------------------------------------------------------------- output paths that cannot be written
+# transfer/convert.py, export_timm.py, import_weights.py, detect.py and plot.py: an output under a read-only folder,
+# under a regular file, or that is a folder is one line (exit 1) naming the path, before any work, leaving nothing.
+
+OUTPUTS = {"transfer/convert.py": "d2.pkl", "transfer/export_timm.py": "hub", "transfer/import_weights.py":
+           "r18.safetensors", "transfer/detect.py": "detect", "plot.py": "knn.png"}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """What the scripts read: a ResNet-18 checkpoint (standard stem), the same backbone as a torch.save file, and a
+    run folder whose log.jsonl has kNN rows."""
+    d = tmp_path_factory.mktemp("sources")
+    sd = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
+    fm.save_checkpoint(d / "r18.safetensors", {f"backbone.{k}": v for k, v in sd.items()}, dict(arch="resnet18"))
+    torch.save({"state_dict": sd}, d / "r18.pth.tar")
+    (d / "run").mkdir()
+    (d / "run" / "log.jsonl").write_text("".join(json.dumps(dict(epoch=e, knn_top1=10.0 + e)) + "\n" for e in (0, 1)))
+    return d
+
+
+def arguments(script, src, out) -> list:
+    """The command line of `script` reading `src`'s files and writing `out`."""
+    return {"transfer/convert.py": [src / "r18.safetensors", out],
+            "transfer/export_timm.py": [src / "r18.safetensors", out],
+            "transfer/import_weights.py": [src / "r18.pth.tar", out],
+            "transfer/detect.py": [src / "r18.safetensors", "--train", "nowhere:train", "--val", "nowhere:val",
+                                   "--output-dir", out],
+            "plot.py": [src / "run", "-o", out]}[script]
+
+
+def in_process(script, src, out):
+    """The same command through main() in this process: the one-line error as SystemExit."""
+    ckpt = src / "r18.safetensors"
+    {"transfer/convert.py": lambda: call(convert, ckpt, out, arch=None),
+     "transfer/export_timm.py": lambda: call(export, ckpt, out, results=None, license=None, push_to_hub=None),
+     "transfer/import_weights.py": lambda: call(iw, src / "r18.pth.tar", out, steps_per_epoch=None),
+     "transfer/detect.py": lambda: call(detect, ckpt, train=["nowhere:train"], val=["nowhere:val"], output_dir=out),
+     "plot.py": lambda: call(plot, [src / "run"], out=out, title="")}[script]()
+
+
+@pytest.fixture
+def unwritable(tmp_path, request):
+    """case -> (an output path that cannot be written, what the error says, a check that nothing was left)."""
+    def make(case, name):
+        if case == "read-only folder":
+            if os.geteuid() == 0:
+                pytest.skip("root writes into read-only folders")
+            ro = tmp_path / "ro"
+            ro.mkdir()
+            ro.chmod(0o555)
+            request.addfinalizer(lambda: ro.chmod(0o755))  # so that pytest can remove it
+            return ro / name, "Permission denied", lambda: list(ro.iterdir()) == []
+        if case == "under a file":
+            (tmp_path / "file").write_text("mine")
+            return (tmp_path / "file" / name, f"{tmp_path / 'file'} is a file, not a folder",
+                    lambda: (tmp_path / "file").read_text() == "mine")
+        out = tmp_path / name  # a folder where a file is to go
+        target = out / "model.safetensors" if name == "detect" else out
+        target.mkdir(parents=True)
+        return out, "it is a folder", lambda: target.is_dir() and list(target.iterdir()) == []
+    return make
+
+
+CASES = [(script, case) for script in OUTPUTS for case in ("read-only folder", "under a file")] + [
+    (script, "a folder") for script in ("transfer/convert.py", "transfer/import_weights.py", "transfer/detect.py",
+                                        "plot.py")]
+
+
+def check_error(line, out, why):
+    target = out / "model.safetensors" if out.name == "detect" else out
+    assert line.startswith(f"error: cannot write {target}: {why}: choose another "), line
+
+
+@pytest.mark.parametrize("script, case", CASES)
+def test_unwritable_outputs_are_one_line_errors(sources, unwritable, script, case):
+    out, why, untouched = unwritable(case, OUTPUTS[script])
+    with pytest.raises(SystemExit) as e:
+        in_process(script, sources, out)
+    check_error(str(e.value), out, why)
+    assert "\n" not in str(e.value) and untouched()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, case", CASES)
+def test_unwritable_outputs_as_a_user_runs_them(sources, unwritable, script, case):
+    out, why, untouched = unwritable(case, OUTPUTS[script])
+    p = stage(script, *arguments(script, sources, out), check=False)
+    assert p.returncode == 1 and len(p.stderr.splitlines()) == 1, p.stderr
+    check_error(p.stderr.strip(), out, why)
+    assert untouched()

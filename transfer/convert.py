@@ -49,6 +49,7 @@ def write(output: Path, obj: dict):
     folder that went away), and an earlier file stays until the new one is complete."""
     tmp = output.with_name(f".{output.name}.tmp")
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:  # open() makes it 0666 & ~umask, as any file
             pickle.dump(obj, f)
         os.replace(tmp, output)

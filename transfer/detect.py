@@ -251,6 +251,10 @@ def main(
         net, meta = fm.load_backbone(ckpt)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
+    try:
+        fm.writable(output_dir / "model.safetensors")  # before the hours of training, not after
+    except OSError as e:
+        fail(f"{e}: choose another --output-dir")
     acc = Accelerator()
     if batch_size % acc.num_processes:
         fail(f"--batch-size {batch_size} is not divisible by the {acc.num_processes} processes")
@@ -277,8 +281,11 @@ def main(
     milestones = [round(0.75 * iters), round(22 / 24 * iters)]  # 18k / 22k of 24k
 
     # 3. train: warmup then x0.1 steps, per iteration
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = open(output_dir / "log.jsonl", "w") if acc.is_main_process else None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        log = open(output_dir / "log.jsonl", "w") if acc.is_main_process else None
+    except OSError as e:
+        fail(f"cannot write {output_dir}: {e.strerror or e}: choose another --output-dir")
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     step, epoch, val_ds = 0, 0, Detection(val_gt, masks, False)
@@ -314,9 +321,14 @@ def main(
                    method=meta.get("method"), head="mask_rcnn_fpn" if masks else "faster_rcnn_fpn")
     if acc.is_main_process:
         log.close()
-        fm.save_checkpoint(output_dir / "model.safetensors", acc.unwrap_model(model).state_dict(),
-                           dict(format="fastmoco-detect-v1", results=results))
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        try:
+            fm.save_checkpoint(output_dir / "model.safetensors", acc.unwrap_model(model).state_dict(),
+                               dict(format="fastmoco-detect-v1", results=results))
+            (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        except OSError as e:  # the folder went away or filled up during the run
+            why = f"cannot write {e.filename}: {e.strerror}" if e.strerror else str(e)
+            fail(f"{why}: free space or choose another --output-dir; the mAP was "
+                 f"{json.dumps({k: results[k] for k in ('bbox', 'segm') if k in results})}")
     acc.print(json.dumps({k: results[k] for k in ("bbox", "segm") if k in results}))
 
 

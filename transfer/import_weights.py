@@ -10,9 +10,14 @@ Every tensor is mapped by name, never by position (the official Fast-MoCo linear
 layout is detected from the key names; docs/checkpoints-io.md lists the layouts and what a resume can and cannot do.
 """
 
+import _compat_pickle
 import hashlib
+import io
 import pickle
+import pickletools
 import re
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -60,6 +65,16 @@ def supported() -> str:
 
 # ----------------------------------------------------------------------------- reading
 
+# torch's two wordings of a refused global: "Unsupported global: GLOBAL exec was not an allowed global" (any torch
+# >= 2.4) and, for os / posix / sys / nt, "Trying to load unsupported GLOBAL posix.system whose module posix is
+# blocked" (2.14)
+REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)|unsupported GLOBAL (\S+) whose module")
+# the lines around the reason in torch's weights_only error: what to do in general, links, the 2.6 default change
+BOILERPLATE = re.compile(r"^(Weights only load failed|\(\d\)|In PyTorch|Check the documentation|Please file an "
+                         r"issue)")
+STRING_OPS = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "STRING", "BINSTRING", "SHORT_BINSTRING"}
+
+
 def read(path: Path) -> dict:
     """The unpickled top-level dict of a torch.save file, rebuilt with weights_only=True (tensors, dicts, lists,
     numbers and strings only), or a one-line error naming the file."""
@@ -68,21 +83,88 @@ def read(path: Path) -> dict:
     if path.suffix == ".safetensors":
         fail(f"{path} is a safetensors file, not a torch.save pickle: linear_probe.py, semisup.py and "
              "transfer/convert.py read it directly")
+    if path.stat().st_size == 0:
+        fail(f"{path} is empty: download it again")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        why = re.search(r"Unsupported global: [^ \n]+ [^ \n]+", str(e))  # e.g. "Unsupported global: GLOBAL exec"
-        if why:
-            fail(f"{path} is refused: it needs arbitrary Python objects to load ({why[0]}), and only tensors and plain "
-                 "containers are ever unpickled here; re-save its state dict with torch.save where you trust the file")
-        fail(f"{path} is not a readable torch.save file ({str(e).splitlines()[-1][:120]}): pass the published "
-             ".pth.tar as downloaded")
-    except Exception as e:  # torch raises RuntimeError, KeyError, EOFError, ... for bytes that are no torch.save file
-        fail(f"{path} is not a readable torch.save file ({type(e).__name__}: {str(e).splitlines()[0][:120]}): pass "
-             "the published .pth.tar as downloaded")
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": two lines before our one
+            warnings.simplefilter("ignore")
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # UnpicklingError, or RuntimeError, KeyError, EOFError, ... for bytes of no torch.save file
+        wanted = unsafe_globals(path) or [g for g in [refused_global(e)] if g]
+        if wanted:
+            fail(f"refused {path}: it wants to run {', '.join(wanted[:4])} when loaded (a pickle can run code); only "
+                 "tensors and plain data are read: if you trust the file, load it and torch.save its state dict alone")
+        fail(f"{path} is not a PyTorch checkpoint ({reason(e)}): pass the published .pth.tar as downloaded")
     if not isinstance(obj, dict):
         fail(f"{path} holds a {type(obj).__name__}, not a checkpoint dict: supported layouts are {supported()}")
     return obj
+
+
+def reason(e: Exception) -> str:
+    """The line of torch's error that says what went wrong (e.g. 'Unsupported operand 190'), without the advice
+    around it."""
+    lines = [line.strip() for line in str(e).splitlines()]
+    lines = [line.replace("WeightsUnpickler error:", "").strip() for line in lines if not BOILERPLATE.match(line)]
+    why = next((line for line in lines if line), "").split(". ")[0][:160]  # miniz adds advice sentences too
+    return why if isinstance(e, pickle.UnpicklingError) else f"{type(e).__name__}: {why}" if why else type(e).__name__
+
+
+def global_name(module: str, name: str) -> str:
+    """module.name as Python 3 spells it: protocol 2 pickles (torch.save's) carry Python 2 module names, e.g.
+    __builtin__.exec or commands.Popen for subprocess.Popen, as pickle.load maps them."""
+    module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{name}"
+
+
+def refused_global(e: Exception) -> str:
+    """The global torch's weights_only unpickler refused, named in its error, or ''."""
+    m = REFUSED_GLOBAL.search(str(e)) if isinstance(e, pickle.UnpicklingError) else None
+    if not m:
+        return ""
+    module, _, name = (m[1] or m[2]).rpartition(".")
+    return global_name(module or "builtins", name)  # torch writes builtins.exec as "exec"
+
+
+def unsafe_globals(path: Path) -> list:
+    """The globals in the file's pickles that torch's weights_only unpickler does not allow, in order, each once.
+    torch names only the first it meets, and in a plain pickle.dump file (protocol 4 and 5 frames) none: it stops at
+    'Unsupported operand 149' before. So the pickle is read here opcode by opcode (pickletools: nothing is called or
+    built)."""
+    try:
+        if zipfile.is_zipfile(path):  # torch.save's default format: the object is the pickle <name>/data.pkl
+            with zipfile.ZipFile(path) as z:
+                data = z.read(next(n for n in z.namelist() if n.endswith("data.pkl")))
+        else:  # a plain pickle, or torch's legacy format: the pickles come first, the tensor bytes after them
+            with open(path, "rb") as f:
+                data = f.read(64 << 20)
+    except (OSError, StopIteration, zipfile.BadZipFile):
+        return []
+    allowed = torch._weights_only_unpickler._get_allowed_globals()  # private, hence torch pinned in requirements
+    return list(dict.fromkeys(g for g in pickled_globals(data) if g not in allowed))
+
+
+def pickled_globals(data: bytes) -> list:
+    """module.name of every global the pickles at the start of `data` import (GLOBAL and INST carry it; STACK_GLOBAL
+    takes the last two strings pushed, directly or from the memo). torch's legacy format is several pickles in a
+    row, then raw tensor bytes, where the opcode reader stops."""
+    found, strings, memo, f = [], [], {}, io.BytesIO(data)
+    for _ in range(8):
+        last = None
+        try:
+            for op, arg, _ in pickletools.genops(f):
+                if op.name in ("GLOBAL", "INST"):
+                    found.append(global_name(*arg.split(" ", 1)))
+                elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(global_name(*strings[-2:]))
+                elif op.name in ("MEMOIZE", "PUT", "BINPUT", "LONG_BINPUT"):
+                    memo[len(memo) if op.name == "MEMOIZE" else arg] = last
+                got = memo.get(arg) if op.name in ("GET", "BINGET", "LONG_BINGET") else None
+                last = arg if op.name in STRING_OPS else got if isinstance(got, str) else None
+                if last is not None:
+                    strings.append(last)
+        except Exception:  # not an opcode, or the bytes ran out: the end of the pickles
+            break
+    return found
 
 
 def state_dict_of(obj: dict, path: Path) -> dict:
@@ -334,14 +416,18 @@ def main(
         fail(f"{output} must end in .safetensors: the output is a checkpoint of this project")
     if steps_per_epoch is not None and steps_per_epoch < 1:
         fail(f"--steps-per-epoch {steps_per_epoch} is out of range: use a positive number")
+    try:
+        fm.writable(output)  # before reading a file of hundreds of MB
+    except OSError as e:
+        fail(f"{e}: choose another output path")
     obj = read(src)
     tensors, meta, notes = convert(obj, src, steps_per_epoch)
     meta["source"]["md5"] = md5(src)
-    output.parent.mkdir(parents=True, exist_ok=True)
     try:
+        output.parent.mkdir(parents=True, exist_ok=True)
         fm.save_checkpoint(output, tensors, meta)  # atomic: a temporary file, then a rename
     except OSError as e:
-        fail(str(e))
+        fail(f"{e}: choose another output path")
     parts = sorted({k.split(".")[0] for k in tensors})
     print(f"wrote {output}: {meta.get('method', 'backbone of')} {meta['arch']} from {src.name} "
           f"({meta['source']['layout']} layout, md5 {meta['source']['md5']}), {len(tensors)} tensors: "
