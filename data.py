@@ -283,7 +283,8 @@ class Views(torch.utils.data.Dataset):
                 break
             img = load_rgb(self.ds[j % len(self.ds)][self.column])
         if img is None:
-            raise ValueError("no image of the dataset can be decoded")
+            raise ValueError("no image of the data set can be decoded (the 'skipped undecodable image' warnings "
+                             "name them): check the files and --image-column")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed(self.seed, epoch, i))
             return (*(t(img) for t in self.transforms), torch.tensor([bad, 0, 0, 0]))

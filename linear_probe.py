@@ -65,6 +65,10 @@ class Precision(str, Enum):
     fp16 = "fp16"
 
 
+RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr": (0,), "weight_decay": (0,), "knn_k": (1,),
+          "knn_t": (">0",), "workers": (0,)}  # option: (low,) or (low, high); None (the recipe's) is not checked
+
+
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
     raise SystemExit(f"error: {msg}")
@@ -241,17 +245,23 @@ def main(
 ):
     """Linear probe (and kNN) of a frozen pretrained backbone; writes DIR/results.json."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
-    # 1. checks before any work: the checkpoint, then the data
+    # 1. checks before any work: each value, the checkpoint, then the data
+    try:
+        runs.check_options(args, RANGES)
+        runs.check_writable(output_dir)
+    except ValueError as e:
+        fail(e)
     if arch is not None and arch not in fm.ARCHS:
         fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
     try:
         backbone, meta = fm.load_backbone(ckpt, arch)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    image_size = image_size or meta.get("image_size") or 224
+    image_size = image_size if image_size is not None else meta.get("image_size") or 224
     saved = meta.get("args") if isinstance(meta.get("args"), dict) else {}
     r = RECIPES[recipe.value if recipe else saved.get("recipe", "imagenet")]
-    batch_size, epochs, lr = batch_size or r["batch_size"], epochs or r["epochs"], lr or r["lr"]
+    batch_size, epochs, lr = (r[k] if v is None else v for k, v in (("batch_size", batch_size), ("epochs", epochs),
+                                                                     ("lr", lr)))
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
@@ -282,8 +292,7 @@ def main(
     #    train split for --cached-features / --knn, otherwise a loader of augmented train views
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = open(output_dir / "log.jsonl", "w") if acc.is_main_process else None
+    log = runs.PendingLog(output_dir / "log.jsonl") if acc.is_main_process else None  # nothing written yet
     with progress:
         val_f, val_y, bad = encode(backbone, val, image_column, test_tf, B // world, workers, acc, progress, val_name)
         train_f = train_y = loader = None
@@ -315,8 +324,7 @@ def main(
             history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
             progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
             if log:
-                log.write(json.dumps(history[-1]) + "\n")
-                log.flush()
+                log.write(history[-1])
         knn_top1 = knn_accuracy(train_f, train_y, val_f, val_y, classes, knn_k, knn_t) if knn else None
 
     # 5. self-check, then results: the LAST epoch's top-1/top-5 and the BEST top-1 over epochs (the official
@@ -333,10 +341,11 @@ def main(
     if knn:
         results.update(knn_top1=knn_top1, knn_k=knn_k, knn_t=knn_t)
     if acc.is_main_process:
-        log.close()
+        output_dir.mkdir(parents=True, exist_ok=True)
         fm.save_checkpoint(output_dir / "linear.safetensors", linear_weights(acc.unwrap_model(fc)),
                            dict(format="fastmoco-linear-v1", args=args, results=results))
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        log.commit()
     acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1") + (("knn_top1",) if knn else ())}))
 
 

@@ -9,6 +9,7 @@ Every default is the method's published recipe (README, "Methods and recipes"); 
 
 import contextlib
 import functools
+import itertools
 import math
 import os
 import traceback
@@ -63,8 +64,8 @@ def one_line_errors(batches, rank, output_dir):
     the batches never pass through here."""
     try:
         yield from batches
-    except ValueError as e:
-        fail(e)
+    except ValueError as e:  # raised in a worker, its message holds the worker's traceback: keep the last line
+        fail(str(e).strip().splitlines()[-1].removeprefix("ValueError: "))
     except Exception as e:
         traceback.print_exc()
         fail(f"the data loader of process {rank} failed ({type(e).__name__}: {runs.first_line(e)}); fix the data "
@@ -146,16 +147,20 @@ def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m,
 
 # ----------------------------------------------------------------------------- setup
 
+RANGES = {  # option: (low,) or (low, high), ">0": above 0; an option left to the recipe (None) is not checked
+    "image_size": (8,), "grid": (1,), "combine_k": (1,), "combine_lambda": (0, 1), "beta_alpha": (">0",),
+    "combinations": (0,), "multi_crop": (0,), "multi_crop_size": (8,), "batch_size": (1,), "epochs": (1,),
+    "max_steps": (1,), "lr": (0,), "weight_decay": (0,), "warmup_epochs": (0,), "momentum": (0, 1), "tau": (">0",),
+    "clip_grad": (0,), "bn_splits": (1,), "queue_size": (1,), "save_every": (0,), "keep": (0,),
+    "max_bad_fraction": (0, 1), "log_every": (1,), "knn_every": (0,), "knn_bank_size": (0,), "workers": (0,)}
+
+
 def check_args(acc, r, arch, image_size, small_stem, patches, grid, k, queue_size, multi_crop, multi_crop_size,
-               keep, log_every, save_every, max_bad_fraction, resume):
-    """One-line errors for settings that cannot run, before any work."""
+               resume):
+    """One-line errors for settings that cannot run together, before any work (each value alone: RANGES)."""
     B, world = r["batch_size"], acc.num_processes
     if arch not in fm.ARCHS:
         fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
-    with user_errors():
-        runs.check_ranges({"--lr": (r["lr"], 0), "--batch-size": (B, 1), "--keep": (keep, 0),
-                           "--log-every": (log_every, 1), "--save-every": (save_every, 0),
-                           "--max-bad-fraction": (max_bad_fraction, 0, 1)})
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
     if patches and (image_size % grid or not 1 <= k < grid * grid):
@@ -348,12 +353,16 @@ def main(
 ):
     """Pretrain a ResNet with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
-    # 1. the recipe, then every argument checked before any work
+    # 1. every argument checked before any work: each value, then the recipe and the values together
+    with user_errors():
+        runs.check_options(args, RANGES)
+        runs.check_writable(output_dir)
     r = resolve_recipe(recipe.value, method.value, dict(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         momentum=momentum, tau=tau, clip_grad=clip_grad))
     arch = args["arch"] = r["arch"]  # saved resolved, as image_size: resume compares it
-    image_size = args["image_size"] = image_size or r.get("image_size", 224)  # saved resolved: resume compares it
+    if image_size is None:  # saved resolved: resume compares it
+        image_size = args["image_size"] = r.get("image_size", 224)
     small_stem = r.get("small_stem", image_size <= 64) if small_stem is None else small_stem
     queued, queue_size, warm_queue = queue_settings(method.value, r, queue_size, warm_queue)
     patches = method.value == "fastmoco" if patches is None else patches
@@ -367,21 +376,20 @@ def main(
                       log_with="tensorboard" if tensorboard else None, project_dir=str(output_dir))
     B, world = r["batch_size"], acc.num_processes
     check_args(acc, r, arch, image_size, small_stem, patches, grid, combine_k, queued and queue_size, multi_crop,
-               multi_crop_size, keep, log_every, save_every, max_bad_fraction, resume)
+               multi_crop_size, resume)
     with user_errors():
         point = runs.resume_point(output_dir, resume)  # --resume, else DIR's newest valid checkpoint (or None)
         runs.check_same_run(point, args)  # the same run continues: its settings must be the checkpoint's
 
     # 2. data
     with user_errors():
-        runs.check_ranges({"--knn-bank-size": (knn_bank_size, 0)})
         ds, n, streaming, knn_data = pretrain_data(data, streaming, image_column, B, knn_every)
     per_epoch = n // B
     if queued and queue_size > per_epoch * B:  # a queue larger than the data would hold each image's own key
         queue_size = per_epoch * B
         acc.print(f"--queue-size lowered to {queue_size}, the images of one epoch ({n} in the data set)")
     total = r["epochs"] * per_epoch
-    stop = min(total, max_steps) if max_steps else total
+    stop = total if max_steps is None else min(total, max_steps)
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
 
     # 3. online and target encoders, optimizer, queue (same init on every process)
@@ -414,6 +422,8 @@ def main(
     cursor = getattr(loader, "cursor", None)  # streaming: where each worker is, saved for an exact resume
     # iter() draws the workers' base seed from the torch RNG: restore the saved state after it
     batches = one_line_errors(iter(loader), acc.process_index, output_dir)
+    first = next(batches, None)  # data that cannot give one batch fails here, before DIR, its log or TensorBoard exist
+    batches = itertools.chain([first] if first is not None else [], batches)
     if point is not None:
         torch.set_rng_state(tensors["rng.torch"])
 

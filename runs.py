@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -85,6 +86,33 @@ def open_log(path: Path, step: int):
     return open(path, "a")
 
 
+class PendingLog:
+    """An evaluation's log.jsonl, written as DIR/log.jsonl.tmp (made at the first row) and renamed over log.jsonl
+    with the results (commit): a rerun that fails leaves the earlier results and their log as they were."""
+
+    def __init__(self, path: Path):
+        self.path, self.tmp, self.f = path, path.with_name(path.name + ".tmp"), None
+
+    def write(self, row: dict):
+        if self.f is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.f = open(self.tmp, "w")
+        self.f.write(json.dumps(row) + "\n")
+        self.f.flush()
+
+    def commit(self):
+        if self.f is not None:
+            self.f.close()
+            os.replace(self.tmp, self.path)
+
+
+def write_text(path: Path, text: str):
+    """Write a small file atomically (a temporary name, then a rename): never half a results.json."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def rotate(output_dir: Path, keep: int):
     """Keep the newest `keep` periodic checkpoints DIR/ckpt-STEP.safetensors (0 = keep all)."""
     if keep > 0:  # (a bare [:-keep] would delete them all for keep = 0)
@@ -154,11 +182,36 @@ def check_same_run(point, args: dict):
 # ----------------------------------------------------------------------------- guards
 
 def check_ranges(ranges: dict):
-    """{"--flag": (value, low) or (value, low, high)}: a one-line error for the first value out of range (or NaN)."""
+    """{"--flag": (value, low) or (value, low, high)}: a one-line error for the first value out of range (or NaN);
+    low ">0": above 0. None values (the recipe's default) are not checked."""
     for name, (v, lo, *hi) in ranges.items():
-        if not (lo <= v <= (hi or [math.inf])[0] and math.isfinite(v)):
-            raise ValueError(f"{name} {v} is out of range: use a finite number from {lo}"
-                             + (f" to {hi[0]}" if hi else " up"))
+        top = hi[0] if hi else math.inf
+        if v is not None and not (math.isfinite(v) and (v > 0 if lo == ">0" else v >= lo) and v <= top):
+            low = "a number above 0" if lo == ">0" else f"a number from {lo}"
+            raise ValueError(f"{name} {v} is out of range: use {low}" + (f" to {top}" if hi else
+                                                                          "" if lo == ">0" else " up"))
+
+
+def check_options(args: dict, ranges: dict):
+    """check_ranges over a stage script's options {name: value}: ranges {name: (low,) or (low, high)}, the flags
+    named --name-with-dashes."""
+    check_ranges({"--" + k.replace("_", "-"): (args[k], *lim) for k, lim in ranges.items()})
+
+
+def check_writable(folder: Path, flag: str = "--output-dir"):
+    """A one-line error now, not a traceback after the work, when `folder` cannot be written: a file is tried in it
+    (the folders made for the try are removed again, so nothing is left before the run has something to write)."""
+    path = Path(folder).expanduser().absolute()
+    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise ValueError(f"cannot write to {flag} {folder} ({e.strerror}): choose another path") from None
+    finally:
+        for p in made:
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
 
 def check_bad_images(acc, bad: int, seen: int, max_fraction: float) -> int:

@@ -23,6 +23,7 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
+import runs
 from data import IGNORE, labelled_loss, load_split, num_classes, probe_transforms, with_labels
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
@@ -35,6 +36,10 @@ class Precision(str, Enum):
     no = "no"
     bf16 = "bf16"
     fp16 = "fp16"
+
+
+RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr_head": (0,), "lr_backbone": (0,),
+          "workers": (0,)}  # option: (low,) or (low, high); None (the default's) is not checked
 
 
 def fail(msg):
@@ -164,7 +169,12 @@ def main(
 ):
     """Fine-tune a pretrained backbone and a linear classifier on a labelled subset; writes DIR/results.json."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
-    # 1. checks before any work: the checkpoint, the data, the subset
+    # 1. checks before any work: each value, the checkpoint, the data, the subset
+    try:
+        runs.check_options(args, RANGES)
+        runs.check_writable(output_dir)
+    except ValueError as e:
+        fail(e)
     if arch is not None and arch not in fm.ARCHS:
         fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
     if subset_file is None and not 0 < fraction <= 1:
@@ -173,7 +183,7 @@ def main(
         net, meta = fm.load_backbone(ckpt, arch)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
-    image_size = image_size or meta.get("image_size") or 224
+    image_size = image_size if image_size is not None else meta.get("image_size") or 224
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
@@ -187,7 +197,7 @@ def main(
     rows = (subset_from_file(subset_file, train, id_column, image_column) if subset_file else
             balanced_subset(train["label"], fraction, seed))
     labelled = len(rows) / len(train)
-    epochs = epochs or (60 if labelled <= 0.05 else 20)  # paper: 1% -> 60 epochs, 10% -> 20
+    epochs = (60 if labelled <= 0.05 else 20) if epochs is None else epochs  # paper: 1% -> 60 epochs, 10% -> 20
     lr_backbone = (0.0 if labelled <= 0.05 else 1e-6) if lr_backbone is None else lr_backbone
     if len(rows) < B:
         fail(f"the labelled subset has {len(rows)} images, fewer than one batch of {B}: lower --batch-size")
@@ -212,8 +222,7 @@ def main(
     per_epoch = len(loader)
     total, step, history = epochs * per_epoch, 0, []
     milestones = [round(f * total) for f in MILESTONES]
-    output_dir.mkdir(parents=True, exist_ok=True)
-    log = open(output_dir / "log.jsonl", "w") if acc.is_main_process else None
+    log = runs.PendingLog(output_dir / "log.jsonl") if acc.is_main_process else None  # nothing written yet
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     with progress:
@@ -235,8 +244,7 @@ def main(
             history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
             progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
             if log:
-                log.write(json.dumps(history[-1]) + "\n")
-                log.flush()
+                log.write(history[-1])
 
     # 4. results: LAST epoch's top-1/top-5 on the full validation split, and the BEST top-1 over epochs
     best = max(history, key=lambda h: h["top1"])
@@ -247,11 +255,12 @@ def main(
                    lr_backbone=lr_backbone, arch=meta["arch"], small_stem=meta["small_stem"], image_size=image_size,
                    checkpoint=str(ckpt), method=meta.get("method"))
     if acc.is_main_process:
-        log.close()
+        output_dir.mkdir(parents=True, exist_ok=True)
         fm.save_checkpoint(output_dir / "finetuned.safetensors", acc.unwrap_model(model).state_dict(),
                            dict(format="fastmoco-semisup-v1", arch=meta["arch"], small_stem=meta["small_stem"],
                                 image_size=image_size, args=args, results=results, subset=rows))
-        (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        log.commit()
     acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1", "labelled_images")}))
 
 

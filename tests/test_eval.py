@@ -321,3 +321,25 @@ def test_evaluations_skip_and_count_undecodable_images(broken, pretrained, tmp_p
               "--no-tensorboard", "--max-bad-fraction", 0.1, "--output-dir", tmp_path / "pre")
     knn = [json.loads(x) for x in (tmp_path / "pre" / "log.jsonl").read_text().splitlines() if "knn_top1" in x]
     assert len(knn) == 1 and knn[0]["knn_bank"] == 48, knn
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["linear_probe.py", "semisup.py"])
+def test_a_failed_rerun_keeps_the_earlier_result(labelled, pretrained, tmp_path, script):
+    """A rerun into a folder holding a good result that then fails (no image decodes) ends in one line and leaves
+    the result, its weights and its log byte for byte; the same failure in a new folder leaves no folder."""
+    bad = tmp_path / "bad"
+    rows = [{"bytes": b"not an image" * 4, "path": f"{i}.jpg"} for i in range(16)]
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict({"image": rows, "label": [i % 2 for i in range(16)]}, features=datasets.Features(
+            image=datasets.Image(), label=datasets.ClassLabel(num_classes=2))).to_parquet(str(bad / f"{split}-0.parquet"))
+    out = tmp_path / "out"
+    common = [pretrained["mocov3"], "--epochs", 1, "--batch-size", 8, "--workers", 0]
+    stage(script, *common, "--data", labelled, "--output-dir", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"results.json", "log.jsonl"} <= set(before) and before["log.jsonl"]
+    for folder in (out, tmp_path / "new"):
+        more = ["--fraction", 1] if script == "semisup.py" else []  # all 16 rows, so the run reaches the images
+        p = stage(script, *common, *more, "--data", bad, "--output-dir", folder, check=False)
+        assert p.returncode == 1 and "could be decoded" in p.stderr.strip().splitlines()[-1], p.stderr[-2000:]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before and not (tmp_path / "new").exists()

@@ -227,6 +227,11 @@ def test_data_errors_become_one_line_errors_but_the_loop_body_keeps_its_own(caps
     with pytest.raises(SystemExit, match="^error: no image of the dataset can be decoded$"):
         for _ in pretrain.one_line_errors(loader(ValueError("no image of the dataset can be decoded")), 0, "DIR"):
             pass
+    from_worker = ValueError("Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                             "call last):\n  File \"data.py\", line 1\nValueError: no image of the data set ...\n")
+    with pytest.raises(SystemExit, match=r"^error: no image of the data set \.\.\.$"):  # the worker's last line
+        for _ in pretrain.one_line_errors(loader(from_worker), 0, "DIR"):
+            pass
     shard = OSError("Couldn't deserialize thrift: don't know what type: \x0f\nDeserializing page header failed.")
     with pytest.raises(SystemExit, match=r"^error: the data loader of process 1 failed \(OSError: Couldn't "
                                          r"deserialize thrift: don't know what type\); fix the data and rerun the "

@@ -393,3 +393,46 @@ def test_fp16_skip_nonfinite_then_a_good_step(fp16_scaler, clip):
     assert step(1e34, False) == "overflow" and torch.equal(online.weight, w)  # 1e34 * 2**15: inf in fp32
     assert acc.scaler.get_scale() == 2.0 ** 14
     assert step(1.0, False) == "applied" and not torch.equal(online.weight, w)
+
+
+BAD_VALUES = [  # (script, arguments, words of the one-line error)
+    ("pretrain", ["--max-steps", "0"], "--max-steps 0 is out of range: use a number from 1 up"),
+    ("pretrain", ["--max-steps", "-5"], "--max-steps -5 is out of range"),
+    ("pretrain", ["--epochs", "-1"], "--epochs -1 is out of range"),
+    ("pretrain", ["--image-size", "0"], "--image-size 0 is out of range: use a number from 8 up"),
+    ("pretrain", ["--momentum", "1.5"], "--momentum 1.5 is out of range: use a number from 0 to 1"),
+    ("pretrain", ["--knn-every", "-1"], "--knn-every -1 is out of range"),
+    ("pretrain", ["--grid", "0"], "--grid 0 is out of range"),
+    ("pretrain", ["--tau", "0"], "--tau 0.0 is out of range: use a number above 0"),
+    ("pretrain", ["--lr", "-0.1"], "--lr -0.1 is out of range"),
+    ("pretrain", ["--workers", "-1"], "--workers -1 is out of range"),
+    ("linear_probe", ["--epochs", "0"], "--epochs 0 is out of range"),
+    ("linear_probe", ["--epochs", "-1"], "--epochs -1 is out of range"),
+    ("linear_probe", ["--batch-size", "0"], "--batch-size 0 is out of range"),
+    ("linear_probe", ["--knn", "--knn-k", "0"], "--knn-k 0 is out of range"),
+    ("linear_probe", ["--lr", "-1"], "--lr -1.0 is out of range"),
+    ("semisup", ["--epochs", "0"], "--epochs 0 is out of range"),
+    ("semisup", ["--epochs", "-2"], "--epochs -2 is out of range"),
+    ("semisup", ["--batch-size", "0"], "--batch-size 0 is out of range"),
+    ("semisup", ["--lr-backbone", "-1"], "--lr-backbone -1.0 is out of range"),
+]
+
+
+@pytest.mark.parametrize("script, args, words", BAD_VALUES + [
+    (s, ["--output-dir", "FILE/run"], "cannot write to --output-dir FILE/run (Not a directory): choose another path")
+    for s in ("pretrain", "linear_probe", "semisup")])
+def test_zero_negative_and_unwritable_values_are_one_line_errors(tmp_path, script, args, words):
+    """0 never means "the default" and a negative value never runs: each is refused in one line naming the flag,
+    before any work (no checkpoint is read, no folder made); so is an output folder that cannot be written."""
+    import importlib
+
+    from typer.testing import CliRunner
+
+    (tmp_path / "file").write_text("")
+    args = [a.replace("FILE", str(tmp_path / "file")) for a in args]
+    first = ["--data", "demo"] if script == "pretrain" else [str(tmp_path / "absent.safetensors"), "--data", "demo"]
+    out = [] if "--output-dir" in args else ["--output-dir", str(tmp_path / "out")]
+    result = CliRunner().invoke(importlib.import_module(script).app, first + args + out)
+    assert result.exit_code == 1, result.output
+    assert result.output.strip().splitlines()[-1].startswith("error: " + words.replace("FILE", str(tmp_path / "file")))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["file"]

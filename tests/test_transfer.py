@@ -262,10 +262,10 @@ def test_map_wiring_with_perfect_and_wrong_predictions(detection_data):
 def test_detector_under_bf16_decodes_boxes_in_fp32():
     """bf16 covers the ResNet and FPN only: the heads get fp32 features, so boxes at 512-1100 px are not rounded to
     bf16's 4-8 px steps (under a whole-model autocast they were), and the weights keep their state_dict keys."""
-    from accelerate import Accelerator
+    from types import SimpleNamespace
 
     torch.manual_seed(0)
-    acc = Accelerator(cpu=True, mixed_precision="bf16")
+    acc = SimpleNamespace(autocast=lambda: torch.autocast("cpu", torch.bfloat16))  # Accelerate's bf16 autocast on CPU
     model = detect.build(torchvision.models.resnet18(), 2, False, False, 1100, 1100)
     keys = list(model.state_dict())
     detect.autocast_backbone(model, acc).eval()
