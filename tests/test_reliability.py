@@ -415,6 +415,8 @@ BAD_VALUES = [  # (script, arguments, words of the one-line error)
     ("semisup", ["--epochs", "-2"], "--epochs -2 is out of range"),
     ("semisup", ["--batch-size", "0"], "--batch-size 0 is out of range"),
     ("semisup", ["--lr-backbone", "-1"], "--lr-backbone -1.0 is out of range"),
+    ("transfer.detect", ["--iters", "0"], "--iters 0 is out of range"),
+    ("transfer.detect", ["--lr", "-0.02"], "--lr -0.02 is out of range"),
 ]
 
 
@@ -430,7 +432,9 @@ def test_zero_negative_and_unwritable_values_are_one_line_errors(tmp_path, scrip
 
     (tmp_path / "file").write_text("")
     args = [a.replace("FILE", str(tmp_path / "file")) for a in args]
-    first = ["--data", "demo"] if script == "pretrain" else [str(tmp_path / "absent.safetensors"), "--data", "demo"]
+    first = {"pretrain": ["--data", "demo"], "transfer.detect": ["CKPT", "--train", "a:train", "--val", "a:val"]}.get(
+        script, ["CKPT", "--data", "demo"])  # the checkpoint is never read: the values are checked first
+    first = [a.replace("CKPT", str(tmp_path / "absent.safetensors")) for a in first]
     out = [] if "--output-dir" in args else ["--output-dir", str(tmp_path / "out")]
     result = CliRunner().invoke(importlib.import_module(script).app, first + args + out)
     assert result.exit_code == 1, result.output

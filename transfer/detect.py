@@ -29,6 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torchvision.transforms.v2 import functional as TF
 
 import fastmoco as fm
+import runs
 from data import MEAN, STD
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
@@ -223,6 +224,10 @@ def evaluate(model, ds: Detection, gt: dict, masks: bool, acc, batch: int) -> di
     return results
 
 
+RANGES = {"iters": (1,), "batch_size": (1,), "lr": (0,), "weight_decay": (0,), "warmup": (0,), "min_size": (32,),
+          "max_size": (32,), "eval_every": (0,), "workers": (0,)}  # option: (low,) or (low, high)
+
+
 @app.command()
 def main(
     ckpt: Annotated[Path, typer.Argument(help="pretrain.py checkpoint, or torchvision ResNet weights (safetensors).")],
@@ -247,6 +252,10 @@ def main(
 ):
     """Fine-tune Faster / Mask R-CNN on the pretrained backbone; writes DIR/results.json with COCO mAP."""
     # 1. checks before any work
+    try:
+        runs.check_options(locals(), RANGES)
+    except ValueError as e:
+        fail(e)
     try:
         net, meta = fm.load_backbone(ckpt)
     except (ValueError, FileNotFoundError) as e:
