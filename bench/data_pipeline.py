@@ -11,7 +11,9 @@ photo); no dataset needed. A loader with W workers feeds about W x the img/s bel
 
 import functools
 import io
+import sys
 import time
+from pathlib import Path
 from typing import Annotated
 
 import numpy as np
@@ -20,6 +22,9 @@ import torchvision.transforms as T
 import typer
 from PIL import Image, ImageDraw
 from torchvision.transforms import v2
+
+if not __package__:  # run as a file (python bench/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import data
 import gpu_augment

@@ -32,6 +32,9 @@ from typing import Annotated
 import torch
 import typer
 
+if not __package__:  # run as a file (python bench/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 import fastmoco as fm
 from bench.common import interleaved, markdown, setup
 from bench.gpu import loader_rows

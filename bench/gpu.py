@@ -9,11 +9,16 @@ the device side of --augment-on device.
 """
 
 import os
+import sys
 import time
+from pathlib import Path
 from typing import Annotated, Optional
 
 import torch
 import typer
+
+if not __package__:  # run as a file (python bench/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
 import gpu_augment

@@ -17,6 +17,9 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+if not __package__:  # run as a file (python bench/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.common import markdown, setup
 
 ROOT = Path(__file__).resolve().parents[1]  # `python -m bench.memory` runs from here

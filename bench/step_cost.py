@@ -9,10 +9,15 @@ Timed round-robin, median of --steps calls each, on one fixed batch (the loader 
 """
 
 import os
+import sys
+from pathlib import Path
 from typing import Annotated
 
 import torch
 import typer
+
+if not __package__:  # run as a file (python bench/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import interleaved, markdown, setup
 

@@ -13,10 +13,14 @@ Writing a pickle of numpy arrays is what detectron2 needs; nothing here ever rea
 import os
 import pickle
 import re
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+
+if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
 

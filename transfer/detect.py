@@ -12,9 +12,10 @@ R50-FPN: a quick, dependency-light transfer check; the paper's Table 3 setting i
 Writes DIR/model.safetensors, DIR/log.jsonl and DIR/results.json (AP, AP50, AP75 in percent; segm too with --masks).
 """
 
-from collections import OrderedDict
 import json
+import sys
 import xml.etree.ElementTree as ET
+from collections import OrderedDict
 from pathlib import Path
 from typing import Annotated, List
 
@@ -27,6 +28,9 @@ from accelerate.utils import gather_object
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torchvision.transforms.v2 import functional as TF
+
+if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
 import runs

@@ -15,6 +15,7 @@ model that silently differs from the one trained.
 import json
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, List, Optional
@@ -23,6 +24,9 @@ import typer
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
+
+if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
 from data import MEAN, STD

@@ -16,6 +16,7 @@ import io
 import pickle
 import pickletools
 import re
+import sys
 import warnings
 import zipfile
 from pathlib import Path
@@ -24,6 +25,9 @@ from typing import Annotated, Optional
 import torch
 import typer
 
+
+if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
 

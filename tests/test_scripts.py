@@ -1,0 +1,49 @@
+"""Every script in bench/ and transfer/ runs both ways, `python -m bench.NAME` and `python bench/NAME.py`, from any
+folder. The list is found, not written: a new script is covered the day it lands."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+# A script is a file with a typer app or a __main__ block; bench/common.py and friends are imported, never run.
+SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for folder in ("bench", "transfer") for p in (ROOT / folder).glob("*.py")
+                 if re.search(r'typer\.Typer\(|__name__ == "__main__"', p.read_text()))
+# Not ours to edit yet (another engineer's file): strict, so the day it gets the bootstrap this xfail says to go.
+LATER = {"bench/small_data.py"}
+
+
+def help_of(cmd, cwd):
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script must find the project by itself
+    return subprocess.run([sys.executable, *cmd, "--help"], capture_output=True, text=True, cwd=cwd, timeout=300,
+                          env={**env, "OMP_NUM_THREADS": "1"})
+
+
+def test_scripts_are_found():
+    assert {"bench/data_pipeline.py", "bench/step_cost.py", "transfer/import_weights.py", "transfer/detect.py"} \
+        <= set(SCRIPTS)
+    assert "bench/common.py" not in SCRIPTS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("where", ["root", "elsewhere"])
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="needs the bootstrap"))
+                                    if s in LATER else s for s in SCRIPTS])
+def test_runs_as_a_file(script, where, tmp_path):
+    """python bench/NAME.py --help from the repository root, python /abs/bench/NAME.py --help from elsewhere."""
+    cmd, cwd = ([script], ROOT) if where == "root" else ([str(ROOT / script)], tmp_path)
+    p = help_of(cmd, cwd)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Usage:" in p.stdout and "--help" in p.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_runs_as_a_module(script):
+    p = help_of(["-m", script[:-3].replace("/", ".")], ROOT)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "Usage:" in p.stdout
