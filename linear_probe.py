@@ -27,7 +27,8 @@ import runs
 from data import (IGNORE, labelled_loss, load_split, num_classes, probe_transforms, process_shards, sample_seed,
                   with_labels)
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
 # The paper's protocol (SimSiam / Fast-MoCo: LARS, lr 0.8 at batch 4096, 90 epochs), and one for small data: a

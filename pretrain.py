@@ -29,7 +29,8 @@ import runs
 import variants as vr
 from data import augmentations, loader_for, pretrain_data, sample_seed, small_crops
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 # Each method's published (ImageNet) recipe, and the small-data one (32-96 px datasets, --recipe small)
 RECIPES = dict(imagenet={**fm.RECIPES, **vr.RECIPES}, small={**fm.SMALL_RECIPES, **vr.SMALL_RECIPES})
 

@@ -26,7 +26,8 @@ import fastmoco as fm
 import runs
 from data import IGNORE, labelled_loss, load_split, num_classes, probe_transforms, with_labels
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 # Paper Appendix B.3 decays the lrs by 0.2 at two points without saying where: we use 60% and 80% of the run.
 MILESTONES, GAMMA = (0.6, 0.8), 0.2

@@ -31,7 +31,8 @@ import gpu_augment
 from bench.common import markdown
 from data import MEAN, STD, Views, augmentations
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 COLUMNS = ["pipeline", "source", "img/s/core", "ms/img"]
 
 

@@ -40,7 +40,8 @@ from bench.common import interleaved, markdown, setup
 from bench.gpu import loader_rows
 
 ROOT = Path(__file__).resolve().parents[1]
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 COLUMNS = ["check", "result", "seconds", "ok"]
 
 

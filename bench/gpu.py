@@ -26,7 +26,8 @@ from bench.common import interleaved, markdown, setup
 from bench.data_pipeline import Files, jpegs
 from data import Views, augmentations
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
 class ForeachLARS(fm.LARS):

@@ -24,7 +24,8 @@ from bench.common import markdown, setup
 
 ROOT = Path(__file__).resolve().parents[1]  # `python -m bench.memory` runs from here
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 COLUMNS = ["method", "before_MiB", "peak_MiB", "step_MiB"]
 MiB = 2 ** 20
 

@@ -30,7 +30,8 @@ from data import clean_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 COLUMNS = ["run", "method", "epochs", "steps", "kNN@E", "kNN@2E", "train_s", "img/s", "seed"]
 
 

@@ -21,7 +21,8 @@ if not __package__:  # run as a file (python bench/NAME.py), not with -m: the pr
 
 from bench.common import interleaved, markdown, setup
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 COLUMNS = ["method", "step_ms", "floor_ms", "step/floor", "img/s", "ema_ms", "opt.step_ms", "divide+combine_ms"]
 
 

@@ -17,7 +17,8 @@ from typing import Annotated
 import typer
 
 ROOT = Path(__file__).resolve().parents[1]
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
 def final_knn(run: Path):
@@ -33,7 +34,9 @@ def table(results: dict, lrs: list, taus: list) -> str:
                               for lr in lrs])
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# A command's context_settings replace the app's: -h again here, or it would reach pretrain.py and start the grid.
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": ["-h", "--help"]})
 def main(
     ctx: typer.Context,
     data: Annotated[str, typer.Option(help="pretrain.py --data (demo, a local folder).")] = "demo",

@@ -24,7 +24,8 @@ if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the
 
 import fastmoco as fm
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 
 def fail(msg):

@@ -36,7 +36,8 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 PAPERS = {"fastmoco": "Fast-MoCo (Ci et al., ECCV 2022, arXiv:2207.08220)",
           "mocov3": "MoCo v3 (Chen, Xie and He, ICCV 2021, arXiv:2104.02057)",

@@ -36,7 +36,8 @@ def fail(msg):
     raise SystemExit(f"error: {msg}")
 
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 
 # layout -> (method, repository, what its file holds, official batch, iterations per ImageNet-1k epoch, licence)
 LAYOUTS = {
