@@ -14,12 +14,13 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import torch
 import torch.nn as nn
 import typer
 from accelerate import Accelerator
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
@@ -73,6 +74,19 @@ RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr": (0,), "w
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
     raise SystemExit(f"error: {msg}")
+
+
+def trackers(log_with) -> list:
+    """--log-with a,b --log-with c -> ["a", "b", "c"], or a one-line error for a name Accelerate does not know or a
+    tracker that is not installed (Accelerate would leave that one out without a word)."""
+    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
+    for n in names:
+        if n not in LOGGER_TYPE_TO_CLASS:
+            fail(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if n not in {str(t) for t in get_available_trackers()}:
+            fail(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
+                 "(or pip install -r requirements-trackers.txt)")
+    return names
 
 
 def labelled_splits(data: str, image_column: str, streaming: bool):
@@ -243,6 +257,9 @@ def main(
         help="Stream the data (always for Hub names; off for local data unless set).")] = None,
     mixed_precision: Annotated[Optional[Precision], typer.Option(
         help="no, bf16 or fp16 for the backbone forward. Default: Accelerate's config.")] = None,
+    log_with: Annotated[Optional[List[str]], typer.Option(
+        help="Experiment trackers (Accelerate's names: tensorboard, wandb, mlflow, trackio, ...) that also get the "
+             "config, each epoch's row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Linear probe (and kNN) of a frozen pretrained backbone; writes DIR/results.json."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
@@ -263,7 +280,8 @@ def main(
     r = RECIPES[recipe.value if recipe else saved.get("recipe", "imagenet")]
     batch_size, epochs, lr = (r[k] if v is None else v for k, v in (("batch_size", batch_size), ("epochs", epochs),
                                                                      ("lr", lr)))
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers(log_with),
+                      project_dir=str(output_dir))
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
     if B % world:
@@ -293,6 +311,7 @@ def main(
     #    train split for --cached-features / --knn, otherwise a loader of augmented train views
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
+    acc.init_trackers("linear_probe", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
     log = runs.PendingLog(output_dir / "log.jsonl") if acc.is_main_process else None  # nothing written yet
     with progress:
         val_f, val_y, bad = encode(backbone, val, image_column, test_tf, B // world, workers, acc, progress, val_name)
@@ -324,6 +343,7 @@ def main(
             top1, top5 = evaluate(acc.unwrap_model(fc), val_f, val_y)
             history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
             progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
+            acc.log(history[-1], step=epoch + 1)
             if log:
                 log.write(history[-1])
         knn_top1 = knn_accuracy(train_f, train_y, val_f, val_y, classes, knn_k, knn_t) if knn else None
@@ -347,6 +367,9 @@ def main(
                            dict(format="fastmoco-linear-v1", args=args, results=results))
         runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         log.commit()
+    # the trackers get the numbers of the results (not flags: those are in the config)
+    acc.log({k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=epochs)
+    acc.end_training()
     acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1") + (("knn_top1",) if knn else ())}))
 
 

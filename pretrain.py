@@ -15,12 +15,13 @@ import os
 import traceback
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import torch
 import torch.nn as nn
 import typer
 from accelerate import Accelerator
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
@@ -46,6 +47,19 @@ AugmentOn = Enum("AugmentOn", {a: a for a in ("cpu", "device")}, type=str)
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback."""
     raise SystemExit(f"error: {msg}")
+
+
+def trackers(log_with) -> list:
+    """--log-with a,b --log-with c -> ["a", "b", "c"], or a one-line error for a name Accelerate does not know or a
+    tracker that is not installed (Accelerate would leave that one out without a word)."""
+    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
+    for n in names:
+        if n not in LOGGER_TYPE_TO_CLASS:
+            fail(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if n not in {str(t) for t in get_available_trackers()}:
+            fail(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
+                 "(or pip install -r requirements-trackers.txt)")
+    return names
 
 
 @contextlib.contextmanager
@@ -350,7 +364,11 @@ def main(
         help="no, bf16 or fp16. Default: Accelerate's config / `accelerate launch --mixed_precision`.")] = None,
     channels_last: Annotated[Optional[bool], typer.Option(
         help="channels_last memory format. Default: on, except fp32 on CPU where it is ~3x slower.")] = None,
-    tensorboard: Annotated[bool, typer.Option(help="Log to TensorBoard through Accelerate.")] = True,
+    tensorboard: Annotated[bool, typer.Option(
+        help="Log to TensorBoard (DIR/pretrain) through Accelerate: the same as --log-with tensorboard.")] = True,
+    log_with: Annotated[Optional[List[str]], typer.Option(
+        help="Experiment trackers (Accelerate's names: tensorboard, wandb, mlflow, trackio, ...); repeat the flag or "
+             "separate with commas. Each reads its usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...).")] = None,
 ):
     """Pretrain a ResNet with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
@@ -374,13 +392,14 @@ def main(
                                     combine_lambda, combinations, same_view, multi_crop, momentum)):
         fail(msg)
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value,
-                      log_with="tensorboard" if tensorboard else None, project_dir=str(output_dir))
+                      log_with=trackers(["tensorboard"] * tensorboard + (log_with or [])), project_dir=str(output_dir))
     B, world = r["batch_size"], acc.num_processes
     check_args(acc, r, arch, image_size, small_stem, patches, grid, combine_k, queued and queue_size, multi_crop,
                multi_crop_size, resume)
     with user_errors():
         point = runs.resume_point(output_dir, resume)  # --resume, else DIR's newest valid checkpoint (or None)
-        runs.check_same_run(point, args)  # the same run continues: its settings must be the checkpoint's
+        # the same run continues: its settings must be the checkpoint's (where it logs to may change)
+        runs.check_same_run(point, {k: v for k, v in args.items() if k != "log_with"})
 
     # 2. data
     with user_errors():

@@ -14,12 +14,13 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, List, Optional
 
 import torch
 import torch.nn as nn
 import typer
 from accelerate import Accelerator
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
@@ -46,6 +47,19 @@ RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr_head": (0,
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
     raise SystemExit(f"error: {msg}")
+
+
+def trackers(log_with) -> list:
+    """--log-with a,b --log-with c -> ["a", "b", "c"], or a one-line error for a name Accelerate does not know or a
+    tracker that is not installed (Accelerate would leave that one out without a word)."""
+    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
+    for n in names:
+        if n not in LOGGER_TYPE_TO_CLASS:
+            fail(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if n not in {str(t) for t in get_available_trackers()}:
+            fail(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
+                 "(or pip install -r requirements-trackers.txt)")
+    return names
 
 
 def labelled_splits(data: str, image_column: str):
@@ -167,6 +181,9 @@ def main(
     image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
     mixed_precision: Annotated[Optional[Precision], typer.Option(
         help="no, bf16 or fp16. Default: Accelerate's config.")] = None,
+    log_with: Annotated[Optional[List[str]], typer.Option(
+        help="Experiment trackers (Accelerate's names: tensorboard, wandb, mlflow, trackio, ...) that also get the "
+             "config, each epoch's row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Fine-tune a pretrained backbone and a linear classifier on a labelled subset; writes DIR/results.json."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
@@ -185,7 +202,8 @@ def main(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     image_size = image_size if image_size is not None else meta.get("image_size") or 224
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value)
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers(log_with),
+                      project_dir=str(output_dir))
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
     if B % world:
@@ -223,6 +241,7 @@ def main(
     per_epoch = len(loader)
     total, step, history = epochs * per_epoch, 0, []
     milestones = [round(f * total) for f in MILESTONES]
+    acc.init_trackers("semisup", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
     log = runs.PendingLog(output_dir / "log.jsonl") if acc.is_main_process else None  # nothing written yet
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
@@ -244,6 +263,7 @@ def main(
             top1, top5 = evaluate(model, val, image_column, test_tf, B // world, workers, acc)
             history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
             progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
+            acc.log(history[-1], step=epoch + 1)
             if log:
                 log.write(history[-1])
 
@@ -262,6 +282,9 @@ def main(
                                 image_size=image_size, args=args, results=results, subset=rows))
         runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         log.commit()
+    # the trackers get the numbers of the results (not flags: those are in the config)
+    acc.log({k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=epochs)
+    acc.end_training()
     acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1", "labelled_images")}))
 
 

@@ -17,13 +17,14 @@ import sys
 import xml.etree.ElementTree as ET
 from collections import OrderedDict
 from pathlib import Path
-from typing import Annotated, List
+from typing import Annotated, List, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 import typer
 from accelerate import Accelerator
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import gather_object
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -45,6 +46,31 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback."""
     raise SystemExit(f"error: {msg}")
+
+
+def trackers(log_with) -> list:
+    """--log-with a,b --log-with c -> ["a", "b", "c"], or a one-line error for a name Accelerate does not know or a
+    tracker that is not installed (Accelerate would leave that one out without a word)."""
+    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
+    for n in names:
+        if n not in LOGGER_TYPE_TO_CLASS:
+            fail(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if n not in {str(t) for t in get_available_trackers()}:
+            fail(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
+                 "(or pip install -r requirements-trackers.txt)")
+    return names
+
+
+def numbers(row: dict, prefix: str = "") -> dict:
+    """The numbers of a log row or the results for the trackers, nested mAPs flattened: {"bbox": {"AP": x}} ->
+    {"bbox/AP": x} (names and paths stay in log.jsonl and results.json)."""
+    out = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update(numbers(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step":  # COCOeval gives np.float64
+            out[prefix + k] = v
+    return out
 
 
 # ----------------------------------------------------------------------------- data: everything becomes a COCO dict
@@ -254,8 +280,14 @@ def main(
         "runs/detect"),
     seed: Annotated[int, typer.Option(help="Seeds the heads' init, data order and flips.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader workers per process.")] = 4,
+    log_with: Annotated[Optional[List[str]], typer.Option(
+        help="Experiment trackers (Accelerate's names: tensorboard, wandb, mlflow, trackio, ...) that also get the "
+             "config, each row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Fine-tune Faster / Mask R-CNN on the pretrained backbone; writes DIR/results.json with COCO mAP."""
+    # the trackers' config: every option, lists and paths as text
+    config = {k: ",".join(v) if isinstance(v, list) else str(v) if isinstance(v, Path) else v
+              for k, v in locals().items() if v is not None}
     # 1. checks before any work
     try:
         runs.check_options(locals(), RANGES)
@@ -269,7 +301,7 @@ def main(
         fm.writable(output_dir / "model.safetensors")  # before the hours of training, not after
     except OSError as e:
         fail(f"{e}: choose another --output-dir")
-    acc = Accelerator()
+    acc = Accelerator(log_with=trackers(log_with), project_dir=str(output_dir))
     if batch_size % acc.num_processes:
         fail(f"--batch-size {batch_size} is not divisible by the {acc.num_processes} processes")
     train_gt = merge([read_source(s) for s in train])
@@ -300,6 +332,7 @@ def main(
         log = open(output_dir / "log.jsonl", "w") if acc.is_main_process else None
     except OSError as e:
         fail(f"cannot write {output_dir}: {e.strerror or e}: choose another --output-dir")
+    acc.init_trackers("detect", config=config)
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     step, epoch, val_ds = 0, 0, Detection(val_gt, masks, False)
@@ -320,6 +353,7 @@ def main(
                 row = dict(step=step, lr=lr_now, loss=loss.item(), **{k: v.item() for k, v in losses.items()})
                 if eval_every and step % eval_every == 0 and step < iters:
                     row.update(evaluate(acc.unwrap_model(model), val_ds, val_gt, masks, acc, 2))
+                acc.log(numbers(row), step=step)
                 if log:
                     log.write(json.dumps(row) + "\n")
                     log.flush()
@@ -343,6 +377,8 @@ def main(
             why = f"cannot write {e.filename}: {e.strerror}" if e.strerror else str(e)
             fail(f"{why}: free space or choose another --output-dir; the mAP was "
                  f"{json.dumps({k: results[k] for k in ('bbox', 'segm') if k in results})}")
+    acc.log(numbers(results), step=iters)
+    acc.end_training()
     acc.print(json.dumps({k: results[k] for k in ("bbox", "segm") if k in results}))
 
 
