@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import typer
 from accelerate import Accelerator
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
@@ -74,19 +73,6 @@ RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr": (0,), "w
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
     raise SystemExit(f"error: {msg}")
-
-
-def trackers(log_with) -> list:
-    """--log-with a,b --log-with c -> ["a", "b", "c"], or a one-line error for a name Accelerate does not know or a
-    tracker that is not installed (Accelerate would leave that one out without a word)."""
-    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
-    for n in names:
-        if n not in LOGGER_TYPE_TO_CLASS:
-            fail(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
-        if n not in {str(t) for t in get_available_trackers()}:
-            fail(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
-                 "(or pip install -r requirements-trackers.txt)")
-    return names
 
 
 def labelled_splits(data: str, image_column: str, streaming: bool):
@@ -267,6 +253,7 @@ def main(
     try:
         runs.check_options(args, RANGES)
         runs.check_writable(output_dir)
+        trackers = runs.trackers(log_with)
     except ValueError as e:
         fail(e)
     if arch is not None and arch not in fm.ARCHS:
@@ -280,7 +267,7 @@ def main(
     r = RECIPES[recipe.value if recipe else saved.get("recipe", "imagenet")]
     batch_size, epochs, lr = (r[k] if v is None else v for k, v in (("batch_size", batch_size), ("epochs", epochs),
                                                                      ("lr", lr)))
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers(log_with),
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers,
                       project_dir=str(output_dir))
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers

@@ -21,7 +21,6 @@ import torch
 import torch.nn as nn
 import typer
 from accelerate import Accelerator
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
@@ -47,19 +46,6 @@ AugmentOn = Enum("AugmentOn", {a: a for a in ("cpu", "device")}, type=str)
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback."""
     raise SystemExit(f"error: {msg}")
-
-
-def trackers(log_with) -> list:
-    """--log-with a,b --log-with c -> ["a", "b", "c"], or a one-line error for a name Accelerate does not know or a
-    tracker that is not installed (Accelerate would leave that one out without a word)."""
-    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
-    for n in names:
-        if n not in LOGGER_TYPE_TO_CLASS:
-            fail(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
-        if n not in {str(t) for t in get_available_trackers()}:
-            fail(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
-                 "(or pip install -r requirements-trackers.txt)")
-    return names
 
 
 @contextlib.contextmanager
@@ -376,6 +362,7 @@ def main(
     with user_errors():
         runs.check_options(args, RANGES)
         runs.check_writable(output_dir)
+        trackers = runs.trackers(["tensorboard"] * tensorboard + (log_with or []))
     r = resolve_recipe(recipe.value, method.value, dict(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         momentum=momentum, tau=tau, clip_grad=clip_grad))
@@ -392,7 +379,7 @@ def main(
                                     combine_lambda, combinations, same_view, multi_crop, momentum)):
         fail(msg)
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value,
-                      log_with=trackers(["tensorboard"] * tensorboard + (log_with or [])), project_dir=str(output_dir))
+                      log_with=trackers, project_dir=str(output_dir))
     B, world = r["batch_size"], acc.num_processes
     check_args(acc, r, arch, image_size, small_stem, patches, grid, combine_k, queued and queue_size, multi_crop,
                multi_crop_size, resume)

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from safetensors import SafetensorError, safe_open
 
 import fastmoco as fm
@@ -157,7 +158,7 @@ def load_scaler(scaler, tensors):
 # Flags a resumed run may change: where and how it runs, not what it computes.
 FREE = {"data", "resume", "output_dir", "max_steps", "save_every", "keep", "skip_nonfinite", "max_bad_fraction",
         "log_every", "knn_every", "knn_bank_size", "workers", "streaming", "mixed_precision", "channels_last",
-        "tensorboard"}
+        "tensorboard", "log_with"}
 
 
 def check_same_run(point, args: dict):
@@ -196,6 +197,19 @@ def check_options(args: dict, ranges: dict):
     """check_ranges over a stage script's options {name: value}: ranges {name: (low,) or (low, high)}, the flags
     named --name-with-dashes."""
     check_ranges({"--" + k.replace("_", "-"): (args[k], *lim) for k, lim in ranges.items()})
+
+
+def trackers(log_with) -> list:
+    """--log-with a,b --log-with c -> ["a", "b", "c"] for Accelerate, or a one-line error for a name Accelerate does
+    not know or a tracker that is not installed (Accelerate would leave that one out without a word)."""
+    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
+    for n in names:
+        if n not in LOGGER_TYPE_TO_CLASS:
+            raise ValueError(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
+        if n not in {str(t) for t in get_available_trackers()}:
+            raise ValueError(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
+                             "(or pip install -r requirements-trackers.txt)")
+    return names
 
 
 def check_writable(folder: Path, flag: str = "--output-dir"):

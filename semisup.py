@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 import typer
 from accelerate import Accelerator
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import fastmoco as fm
@@ -47,19 +46,6 @@ RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr_head": (0,
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
     raise SystemExit(f"error: {msg}")
-
-
-def trackers(log_with) -> list:
-    """--log-with a,b --log-with c -> ["a", "b", "c"], or a one-line error for a name Accelerate does not know or a
-    tracker that is not installed (Accelerate would leave that one out without a word)."""
-    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
-    for n in names:
-        if n not in LOGGER_TYPE_TO_CLASS:
-            fail(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
-        if n not in {str(t) for t in get_available_trackers()}:
-            fail(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
-                 "(or pip install -r requirements-trackers.txt)")
-    return names
 
 
 def labelled_splits(data: str, image_column: str):
@@ -191,6 +177,7 @@ def main(
     try:
         runs.check_options(args, RANGES)
         runs.check_writable(output_dir)
+        trackers = runs.trackers(log_with)
     except ValueError as e:
         fail(e)
     if arch is not None and arch not in fm.ARCHS:
@@ -202,7 +189,7 @@ def main(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     image_size = image_size if image_size is not None else meta.get("image_size") or 224
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers(log_with),
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers,
                       project_dir=str(output_dir))
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers

@@ -29,7 +29,8 @@ import typer
 from PIL import Image
 from torchvision import transforms as T
 
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 NORM = T.Normalize([0.4914, 0.4822, 0.4465], [0.2023, 0.1994, 0.2010])  # the demo's CIFAR-10 statistics
 
 

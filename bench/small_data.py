@@ -24,11 +24,14 @@ from typing import Annotated
 
 import typer
 
-import plot
-from bench.sample_efficiency import subset
+if not __package__:  # run as a file (python bench/NAME.py), not with -m: the project's modules are one folder up
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import plot  # noqa: E402
+from bench.sample_efficiency import subset  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False)
+app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
+                  context_settings={"help_option_names": ["-h", "--help"]})
 RUNS = {  # name -> pretrain.py flags
     "fastmoco": ["--method", "fastmoco"],
     "fastmoco-no-patches": ["--method", "fastmoco", "--no-patches"],  # Table 4b's baseline: Fast-MoCo's recipe
@@ -92,7 +95,9 @@ def markdown(table: list) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(row[c]) for c in COLUMNS) + " |" for row in table])
 
 
-@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+# A command's context_settings replace the app's: -h again here, or it would be handed to every pretrain.py run.
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                               "help_option_names": ["-h", "--help"]})
 def main(
     ctx: typer.Context,
     data: Annotated[Path, typer.Option(help="CIFAR-10 parquet folder (train-*.parquet, test-*.parquet).")] = Path(

@@ -19,13 +19,6 @@ SCRIPTS = sorted(p.relative_to(ROOT).as_posix() for folder in ("bench", "transfe
 # Every typer app: the stage scripts at the root and the scripts above.
 APPS = sorted(p.name for p in ROOT.glob("*.py") if "typer.Typer(" in p.read_text()) + \
     [s for s in SCRIPTS if "typer.Typer(" in (ROOT / s).read_text()]
-# Not ours to edit yet (another engineer's files): strict, so the day they are fixed these xfails say to go.
-LATER = {"bench/small_data.py"}
-NO_SHORT_HELP = {"bench/small_data.py", "bench/moco_reference.py"}
-
-
-def later(scripts, which, reason):
-    return [pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=reason)) if s in which else s for s in scripts]
 
 
 def help_of(cmd, cwd):
@@ -42,7 +35,7 @@ def test_scripts_are_found():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("where", ["root", "elsewhere"])
-@pytest.mark.parametrize("script", later(SCRIPTS, LATER, "needs the sys.path bootstrap"))
+@pytest.mark.parametrize("script", SCRIPTS)
 def test_runs_as_a_file(script, where, tmp_path):
     """python bench/NAME.py --help from the repository root, python /abs/bench/NAME.py --help from elsewhere."""
     cmd, cwd = ([script], ROOT) if where == "root" else ([str(ROOT / script)], tmp_path)
@@ -59,7 +52,7 @@ def test_runs_as_a_module(script):
     assert "Usage:" in p.stdout
 
 
-@pytest.mark.parametrize("script", later(APPS, NO_SHORT_HELP, "its typer.Typer(...) needs help_option_names"))
+@pytest.mark.parametrize("script", APPS)
 def test_short_help(script, capsys):
     """-h is --help for every app. Parsed only, never invoked: an app that passes unknown options through (bench/sweep.py
     hands them to pretrain.py) would otherwise start its work when it takes -h for one of them."""

@@ -14,6 +14,7 @@ import pytest
 
 import linear_probe
 import pretrain
+import runs
 import semisup
 import transfer.detect as detect
 from conftest import call, stage
@@ -28,30 +29,25 @@ def installed(name):
 
 # ----------------------------------------------------------------------------- the flag (fast)
 
-@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
-def test_names_repeat_or_separate_with_commas(module, monkeypatch):
-    monkeypatch.setattr(module, "get_available_trackers", lambda: ["tensorboard", "wandb", "mlflow"])
-    assert module.trackers(None) == []
-    assert module.trackers(["tensorboard,wandb", " mlflow ", "wandb"]) == ["tensorboard", "wandb", "mlflow"]
-    with pytest.raises(SystemExit, match=r"^error: --log-with tensorbord is not a tracker: choose from .*tensorboard"):
-        module.trackers(["tensorbord"])
+def test_names_repeat_or_separate_with_commas(monkeypatch):
+    monkeypatch.setattr(runs, "get_available_trackers", lambda: ["tensorboard", "wandb", "mlflow"])
+    assert runs.trackers(None) == []
+    assert runs.trackers(["tensorboard,wandb", " mlflow ", "wandb"]) == ["tensorboard", "wandb", "mlflow"]
+    with pytest.raises(ValueError, match=r"^--log-with tensorbord is not a tracker: choose from .*tensorboard"):
+        runs.trackers(["tensorbord"])
     # Accelerate itself would drop a tracker that is not installed without a word
-    with pytest.raises(SystemExit, match=r"^error: --log-with trackio: trackio is not installed; pip install trackio "
+    with pytest.raises(ValueError, match=r"^--log-with trackio: trackio is not installed; pip install trackio "
                                          r"\(or pip install -r requirements-trackers.txt\)$"):
-        module.trackers(["wandb,trackio"])
+        runs.trackers(["wandb,trackio"])
 
 
-def test_the_helper_is_the_same_in_every_script():
-    """Duplicated (stage scripts never import each other): the copies must not drift apart."""
-    import inspect
-
-    assert len({inspect.getsource(m.trackers) for m in SCRIPTS}) == 1
-
-
-def test_a_missing_tracker_stops_pretrain_before_any_work(tmp_path, monkeypatch):
-    monkeypatch.setattr(pretrain, "get_available_trackers", lambda: ["tensorboard"])
-    with pytest.raises(SystemExit, match="pip install wandb"):
-        call(pretrain, data="demo", log_with=["wandb"], output_dir=tmp_path / "run")
+@pytest.mark.parametrize("module", SCRIPTS, ids=lambda m: m.__name__)
+def test_a_missing_tracker_stops_each_script_before_any_work(module, tmp_path, monkeypatch):
+    monkeypatch.setattr(runs, "get_available_trackers", lambda: ["tensorboard"])
+    first = {pretrain: dict(data="demo"), detect: dict(ckpt=tmp_path / "absent", train=["a:b"], val=["a:b"])}.get(
+        module, dict(ckpt=tmp_path / "absent", data="demo"))
+    with pytest.raises(SystemExit, match=r"^error: --log-with wandb: wandb is not installed; pip install wandb"):
+        call(module, **first, log_with=["wandb"], output_dir=tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 

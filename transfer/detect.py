@@ -24,7 +24,6 @@ import torch
 import torch.nn as nn
 import typer
 from accelerate import Accelerator
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from accelerate.utils import gather_object
 from PIL import Image
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -46,19 +45,6 @@ VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback."""
     raise SystemExit(f"error: {msg}")
-
-
-def trackers(log_with) -> list:
-    """--log-with a,b --log-with c -> ["a", "b", "c"], or a one-line error for a name Accelerate does not know or a
-    tracker that is not installed (Accelerate would leave that one out without a word)."""
-    names = list(dict.fromkeys(n.strip() for s in log_with or [] for n in s.split(",") if n.strip()))
-    for n in names:
-        if n not in LOGGER_TYPE_TO_CLASS:
-            fail(f"--log-with {n} is not a tracker: choose from {', '.join(LOGGER_TYPE_TO_CLASS)}")
-        if n not in {str(t) for t in get_available_trackers()}:
-            fail(f"--log-with {n}: {n} is not installed; pip install {n.replace('_', '-')} "
-                 "(or pip install -r requirements-trackers.txt)")
-    return names
 
 
 def numbers(row: dict, prefix: str = "") -> dict:
@@ -291,6 +277,7 @@ def main(
     # 1. checks before any work
     try:
         runs.check_options(locals(), RANGES)
+        trackers = runs.trackers(log_with)
     except ValueError as e:
         fail(e)
     try:
@@ -301,7 +288,7 @@ def main(
         fm.writable(output_dir / "model.safetensors")  # before the hours of training, not after
     except OSError as e:
         fail(f"{e}: choose another --output-dir")
-    acc = Accelerator(log_with=trackers(log_with), project_dir=str(output_dir))
+    acc = Accelerator(log_with=trackers, project_dir=str(output_dir))
     if batch_size % acc.num_processes:
         fail(f"--batch-size {batch_size} is not divisible by the {acc.num_processes} processes")
     train_gt = merge([read_source(s) for s in train])
