@@ -267,7 +267,7 @@ def main(
     r = RECIPES[recipe.value if recipe else saved.get("recipe", "imagenet")]
     batch_size, epochs, lr = (r[k] if v is None else v for k, v in (("batch_size", batch_size), ("epochs", epochs),
                                                                      ("lr", lr)))
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers,
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers or None,
                       project_dir=str(output_dir))
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers

@@ -379,7 +379,7 @@ def main(
                                     combine_lambda, combinations, same_view, multi_crop, momentum)):
         fail(msg)
     acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value,
-                      log_with=trackers, project_dir=str(output_dir))
+                      log_with=trackers or None, project_dir=str(output_dir))
     B, world = r["batch_size"], acc.num_processes
     check_args(acc, r, arch, image_size, small_stem, patches, grid, combine_k, queued and queue_size, multi_crop,
                multi_crop_size, resume)

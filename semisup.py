@@ -189,7 +189,7 @@ def main(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     image_size = image_size if image_size is not None else meta.get("image_size") or 224
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers,
+    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers or None,
                       project_dir=str(output_dir))
     B, world = batch_size, acc.num_processes
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers

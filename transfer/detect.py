@@ -288,7 +288,7 @@ def main(
         fm.writable(output_dir / "model.safetensors")  # before the hours of training, not after
     except OSError as e:
         fail(f"{e}: choose another --output-dir")
-    acc = Accelerator(log_with=trackers, project_dir=str(output_dir))
+    acc = Accelerator(log_with=trackers or None, project_dir=str(output_dir))
     if batch_size % acc.num_processes:
         fail(f"--batch-size {batch_size} is not divisible by the {acc.num_processes} processes")
     train_gt = merge([read_source(s) for s in train])
