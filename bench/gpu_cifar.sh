@@ -8,11 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-.data/cifar10}
 EPOCHS=${EPOCHS:-15}
+RUNS=${RUNS:-claim}  # or budget: Fast-MoCo at EPOCHS against MoCo v3 at 1x, 2x, 4x (docs/small-data.md)
 if ! ls "$DATA"/train-*.parquet > /dev/null 2>&1; then  # bench/small_data skips (exit 0) without data: not here
     echo "error: no CIFAR-10 parquet files in $DATA: run bench/device_prepare.sh (and carry .data), or pass the folder"
     exit 1
 fi
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
-python3 -m bench.small_data --data "$DATA" --runs claim --seeds 0 --train-images 50000 --test-images 10000 \
+python3 -m bench.small_data --data "$DATA" --runs "$RUNS" --seeds 0 --train-images 50000 --test-images 10000 \
     --epochs "$EPOCHS" --batch-size 512 --knn-every 5 --workers "$(( $(nproc) - 1 ))" --mixed-precision bf16 \
     --out runs/gpu-cifar
