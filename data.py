@@ -426,7 +426,7 @@ def probe_transforms(size: int):
 def with_labels(ds, column: str, transform, label: str = "label"):
     """Examples {x: transformed image, y: label, ok: decoded}: a lazy transform on map-style data, a lazy map on
     streamed data. Images are decoded here (load_rgb): an undecodable one is warned about and stands in as a black
-    image with ok False, so batches and multi-process gathers keep their sizes; the consumers drop it (valid_rows)."""
+    image with ok False, so batches and multi-process gathers keep their sizes; the consumers drop its row."""
     import datasets
 
     if isinstance((ds.features or {}).get(column), datasets.Image):

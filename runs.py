@@ -5,6 +5,7 @@ undecodable images, non-finite steps) and the log rows (loss window, kNN monitor
 fastmoco.save_checkpoint (atomic, checksummed). Bad input or state raises ValueError with a one-line message."""
 
 import contextlib
+import errno
 import functools
 import json
 import math
@@ -213,19 +214,17 @@ def trackers(log_with) -> list:
 
 
 def check_writable(folder: Path, flag: str = "--output-dir"):
-    """A one-line error now, not a traceback after the work, when `folder` cannot be written: a file is tried in it
-    (the folders made for the try are removed again, so nothing is left before the run has something to write)."""
+    """A one-line error now, not a traceback after the work, when `folder` cannot be written: a file is tried in it,
+    or in its nearest existing parent (which must then take the new folders). Makes nothing, so every process of a
+    run can check at once."""
     path = Path(folder).expanduser().absolute()
-    made = [p for p in (path, *path.parents) if not p.exists()]  # deepest first
+    existing = next(p for p in (path, *path.parents) if p.exists())
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()
+        if not existing.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR))
+        tempfile.TemporaryFile(dir=existing).close()
     except OSError as e:
         raise ValueError(f"cannot write to {flag} {folder} ({e.strerror}): choose another path") from None
-    finally:
-        for p in made:
-            with contextlib.suppress(OSError):
-                p.rmdir()
 
 
 def check_bad_images(acc, bad: int, seen: int, max_fraction: float) -> int:
