@@ -151,7 +151,7 @@ def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m,
 RANGES = {  # option: (low,) or (low, high), ">0": above 0; an option left to the recipe (None) is not checked
     "image_size": (8,), "grid": (1,), "combine_k": (1,), "combine_lambda": (0, 1), "beta_alpha": (">0",),
     "combinations": (0,), "multi_crop": (0,), "multi_crop_size": (8,), "batch_size": (1,), "epochs": (1,),
-    "max_steps": (1,), "lr": (0,), "weight_decay": (0,), "warmup_epochs": (0,), "momentum": (0, 1), "tau": (">0",),
+    "max_steps": (0,), "lr": (0,), "weight_decay": (0,), "warmup_epochs": (0,), "momentum": (0, 1), "tau": (">0",),
     "clip_grad": (0,), "bn_splits": (1,), "queue_size": (1,), "save_every": (0,), "keep": (0,),
     "max_bad_fraction": (0, 1), "log_every": (1,), "knn_every": (0,), "knn_bank_size": (0,), "workers": (0,)}
 
@@ -288,7 +288,8 @@ def main(
         help="Global batch (all processes). Recipe: fastmoco/simsiam 512, mocov3/byol/nnclr 4096, v2/v1 256.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Recipe: 100, mocov2/v1 200.")] = None,
     max_steps: Annotated[Optional[int], typer.Option(
-        help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules span --epochs.")] = None,
+        help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules span --epochs. 0: only the "
+             "initial checkpoint (a random-init baseline for the probes).")] = None,
     lr: Annotated[Optional[float], typer.Option(
         help="lr per 256 images (used: lr x batch/256). Recipe: fastmoco/simsiam 0.05, mocov3 0.6, byol 0.2, "
              "nnclr 0.3, v2/v1 0.03.")] = None,

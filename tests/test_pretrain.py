@@ -119,6 +119,16 @@ def test_bad_arguments_get_one_line_errors(parquet, tmp_path, args, words):
     assert not (tmp_path / "ckpt.safetensors").exists()
 
 
+def test_max_steps_0_writes_the_initial_checkpoint(parquet, tmp_path):
+    """--max-steps 0 is zero steps (a random-init baseline for the probes), never "the default": a step-0 checkpoint
+    whose backbone is the seed's initialisation."""
+    run("--data", parquet, "--max-steps", 0, "--output-dir", tmp_path)
+    t, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    torch.manual_seed(0)
+    init = fm.OnlineEncoder("fastmoco", "resnet18", False).state_dict()
+    assert meta["step"] == 0 and torch.equal(t["backbone.conv1.weight"], init["backbone.conv1.weight"])
+
+
 def test_missing_data_path(tmp_path):
     p = run("--data", tmp_path / "nope", "--output-dir", tmp_path, check=False)
     assert p.returncode == 1 and "does not exist" in p.stderr

@@ -384,8 +384,8 @@ def test_fp16_skip_nonfinite_then_a_good_step(fp16_scaler, clip):
 
 
 BAD_VALUES = [  # (script, arguments, words of the one-line error)
-    ("pretrain", ["--max-steps", "0"], "--max-steps 0 is out of range: use a number from 1 up"),
-    ("pretrain", ["--max-steps", "-5"], "--max-steps -5 is out of range"),
+    ("pretrain", ["--max-steps", "-5"], "--max-steps -5 is out of range: use a number from 0 up"),
+    ("pretrain", ["--epochs", "0"], "--epochs 0 is out of range: use a number from 1 up"),
     ("pretrain", ["--epochs", "-1"], "--epochs -1 is out of range"),
     ("pretrain", ["--image-size", "0"], "--image-size 0 is out of range: use a number from 8 up"),
     ("pretrain", ["--momentum", "1.5"], "--momentum 1.5 is out of range: use a number from 0 to 1"),
