@@ -627,20 +627,6 @@ def share_as_umask_says(path):
         pass
 
 
-def writable(path, folder: bool = False):
-    """Raise OSError('cannot write PATH: why') now, before any work, if PATH (a file, or a folder written whole and
-    renamed into place) cannot be written later: a file's PATH is a folder, a parent is a file, or the nearest
-    existing parent cannot be written to. Makes nothing: a refused command leaves no empty folders behind."""
-    path = Path(path)
-    if path.is_dir() and not folder:
-        raise OSError(f"cannot write {path}: it is a folder")
-    nearest = next((p for p in path.absolute().parents if p.exists()), Path("/"))  # under a file nothing exists
-    if not nearest.is_dir():
-        raise OSError(f"cannot write {path}: {nearest} is a file, not a folder")
-    if not os.access(nearest, os.W_OK | os.X_OK):  # also False on a read-only file system
-        raise OSError(f"cannot write {path}: Permission denied")
-
-
 def tensors_hash(tensors: dict) -> str:
     """sha256 of every tensor's name, dtype, shape and raw bytes, in name order."""
     h = hashlib.sha256()

@@ -361,9 +361,7 @@ def main(
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
     # 1. every argument checked before any work: each value, then the recipe and the values together
     with user_errors():
-        runs.check_options(args, RANGES)
-        runs.check_writable(output_dir)
-        trackers = runs.trackers(["tensorboard"] * tensorboard + (log_with or []))
+        trackers = runs.check_stage(args, RANGES, ["tensorboard"] * tensorboard + (log_with or []))
     r = resolve_recipe(recipe.value, method.value, dict(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         momentum=momentum, tau=tau, clip_grad=clip_grad))

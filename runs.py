@@ -213,6 +213,28 @@ def trackers(log_with) -> list:
     return names
 
 
+def check_stage(args: dict, ranges: dict, log_with) -> list:
+    """A stage script's checks before any work: each value (check_options), its --output-dir (check_writable), its
+    trackers -> the tracker names for Accelerate."""
+    check_options(args, ranges)
+    check_writable(args["output_dir"])
+    return trackers(log_with)
+
+
+def writable(path, folder: bool = False):
+    """Raise OSError('cannot write PATH: why') now, before any work, if PATH (a file, or a folder written whole and
+    renamed into place) cannot be written later: a file's PATH is a folder, a parent is a file, or the nearest
+    existing parent cannot be written to. Makes nothing: a refused command leaves no empty folders behind."""
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise OSError(f"cannot write {path}: it is a folder")
+    nearest = next((p for p in path.absolute().parents if p.exists()), Path("/"))  # under a file nothing exists
+    if not nearest.is_dir():
+        raise OSError(f"cannot write {path}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):  # also False on a read-only file system
+        raise OSError(f"cannot write {path}: Permission denied")
+
+
 def check_writable(folder: Path, flag: str = "--output-dir"):
     """A one-line error now, not a traceback after the work, when `folder` cannot be written: a file is tried in it,
     or in its nearest existing parent (which must then take the new folders). Makes nothing, so every process of a

@@ -175,9 +175,7 @@ def main(
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
     # 1. checks before any work: each value, the checkpoint, the data, the subset
     try:
-        runs.check_options(args, RANGES)
-        runs.check_writable(output_dir)
-        trackers = runs.trackers(log_with)
+        trackers = runs.check_stage(args, RANGES, log_with)
     except ValueError as e:
         fail(e)
     if arch is not None and arch not in fm.ARCHS:

@@ -23,6 +23,7 @@ if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
+import runs
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -74,7 +75,7 @@ def main(
     if output.suffix != ".pkl":
         fail(f"{output} must end in .pkl: detectron2 reads its own weight format only from .pkl files")
     try:
-        fm.writable(output)
+        runs.writable(output)
     except OSError as e:
         fail(f"{e}: choose another output path")
     try:

@@ -285,7 +285,7 @@ def main(
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     try:
-        fm.writable(output_dir / "model.safetensors")  # before the hours of training, not after
+        runs.writable(output_dir / "model.safetensors")  # before the hours of training, not after
     except OSError as e:
         fail(f"{e}: choose another --output-dir")
     acc = Accelerator(log_with=trackers or None, project_dir=str(output_dir))

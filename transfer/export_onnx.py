@@ -27,6 +27,7 @@ if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
+import runs
 from data import MEAN, STD
 
 # Opset 18: the dynamo exporter's own opset (onnxscript's torchlib is written for it; asking for an older one runs
@@ -117,7 +118,7 @@ def main(
     """Write CKPT's backbone as ONNX (images (N, 3, S, S) -> pooled features (N, D), dynamic N) and check it with
     onnxruntime."""
     try:
-        fm.writable(output)
+        runs.writable(output)
     except OSError as e:
         fail(f"{e}: choose another output file")
     onnx, ort = onnx_modules()

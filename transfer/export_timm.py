@@ -29,6 +29,7 @@ if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
+import runs
 from data import MEAN, STD
 
 def fail(msg):
@@ -181,7 +182,7 @@ def main(
 ):
     """Write CKPT's backbone as a timm model folder (timm's push_to_hf_hub layout); optionally upload it."""
     try:
-        fm.writable(output, folder=True)
+        runs.writable(output, folder=True)
     except OSError as e:
         fail(f"{e}: choose another output folder")
     try:

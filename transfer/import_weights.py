@@ -30,6 +30,7 @@ if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import fastmoco as fm
+import runs
 
 def fail(msg):
     """A one-line, user-facing error: exits with status 1, no traceback."""
@@ -422,7 +423,7 @@ def main(
     if steps_per_epoch is not None and steps_per_epoch < 1:
         fail(f"--steps-per-epoch {steps_per_epoch} is out of range: use a positive number")
     try:
-        fm.writable(output)  # before reading a file of hundreds of MB
+        runs.writable(output)  # before reading a file of hundreds of MB
     except OSError as e:
         fail(f"{e}: choose another output path")
     obj = read(src)
