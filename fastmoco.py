@@ -86,6 +86,20 @@ SMALL_RECIPES = {
     "mocov2": dict(SMALL, sync_bn=False),
     "mocov1": dict(SMALL, lr=0.03, sync_bn=False),
 }
+# MoCo v3's ViT recipe (paper Sec. 4 and Table 1; facebookresearch/moco-v3 CONFIG.md, ViT-Small/Base): AdamW, lr 1.5e-4
+# per 256, wd 0.1, 40 warm-up epochs of 300, batch 4096, tau 0.2, m 0.99 -> 1 (cosine), no clipping; the backbone is
+# MoCo v3's ViT (mocov3_vit: fixed sin-cos position embedding, frozen random patch projection) and the projector has
+# 3 layers. Fast-MoCo on a ViT is beyond the paper: the same recipe with the patches on (each patch at half the
+# resolution, the position embedding interpolated to its grid); its own heads are 3/2 layers already.
+VIT = dict(epochs=300, batch_size=4096, lr=1.5e-4, weight_decay=0.1, optimizer="adamw", warmup_epochs=40,
+           warmup_from=0.0, momentum=0.99, cosine_momentum=True, tau=0.2, clip_grad=0.0, fix_predictor_lr=False,
+           milestones=(), aug="mocov3", sync_bn=True, mocov3_vit=True)
+VIT_RECIPES = {"mocov3": VIT, "fastmoco": dict(VIT, aug="fastmoco")}
+# Small data on a ViT (beyond every paper here): the small recipe's data side with MoCo v3's ViT optimisation; lr
+# 5e-4 per 256 and 10% warm-up, as ViTs trained from scratch on CIFAR use (a few epochs of lr 1.5e-4 move a ViT little).
+SMALL_VIT = dict(SMALL, small_stem=False, optimizer="adamw", lr=5e-4, weight_decay=0.1, warmup_epochs=20, tau=0.2,
+                 cosine_momentum=True, mocov3_vit=True)
+SMALL_VIT_RECIPES = {"mocov3": dict(SMALL_VIT, aug="small-asymmetric"), "fastmoco": dict(SMALL_VIT, clip_grad=0.0)}
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152",
          "resnext50_32x4d", "resnext101_32x8d", "wide_resnet50_2", "wide_resnet101_2")
 
@@ -123,15 +137,16 @@ def mlp(dims, bias=True, last_bn=False, last_bn_affine=True, bn=True) -> nn.Sequ
     return nn.Sequential(*layers)
 
 
-def heads(method: str, dim: int):
-    """(projector, predictor) of each method; predictor is Identity for MoCo v1/v2."""
+def heads(method: str, dim: int, vit: bool = False):
+    """(projector, predictor) of each method; predictor is Identity for MoCo v1/v2. vit: MoCo v3's ViT projector
+    (3 layers; moco-v3 builder.py MoCo_ViT); Fast-MoCo's is 3 layers on any backbone."""
     if method == "fastmoco":
         # SimSiam's heads (Fast-MoCo Sec. 4). The official code's last projector BN is affine; SimSiam's is not.
         return (mlp([dim, 2048, 2048, 2048], bias=True, last_bn=True, last_bn_affine=True),
                 mlp([2048, 512, 2048], bias=True))
     if method == "mocov3":
         # MoCo v3 (ResNet path): bias-free 4096/256 MLPs, the projector's last BN without affine.
-        return (mlp([dim, 4096, 256], bias=False, last_bn=True, last_bn_affine=False),
+        return (mlp([dim, 4096, 4096, 256] if vit else [dim, 4096, 256], bias=False, last_bn=True, last_bn_affine=False),
                 mlp([256, 4096, 256], bias=False))
     if method == "mocov2":
         return mlp([dim, 2048, 128], bn=False), nn.Identity()  # MoCo v2: 2048-ReLU-128, no BN
@@ -145,19 +160,21 @@ class OnlineEncoder(nn.Module):
 
     forward(*views) -> per view a pair (z, p): the projection z and the prediction p = predictor(z) (p is z for MoCo
     v1/v2, whose predictor is Identity), rows (R*N, d) with R = C(grid^2, k) combinations for Fast-MoCo, else 1.
-    variants.Encoder subclasses it (features, make_heads), so every method and ablation shares this contract."""
+    variants.Encoder subclasses it (features, make_heads), so every method and ablation shares this contract.
+    backbone: any module (N, 3, H, W) -> (N, backbone.dim) instead of the torchvision ResNet `arch` (e.g. a timm
+    model; a ViT must accept the half-size patches); vit: MoCo v3's ViT heads."""
 
-    def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, grid=2, k=2):
+    def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, grid=2, k=2, backbone=None, vit=False):
         super().__init__()
-        self.method, self.grid, self.k = method, grid, k
+        self.method, self.grid, self.k, self.vit = method, grid, k, vit
         self.patches = method == "fastmoco"  # combinatorial patches on the online branch
         # Official MoCo v1/v2 build torchvision's ResNet as is (zero_init_residual=False); MoCo v3 / Fast-MoCo: True
         self.zero_init_residual = method not in ("mocov1", "mocov2")
-        self.backbone = resnet(arch, small_stem, self.zero_init_residual)
+        self.backbone = resnet(arch, small_stem, self.zero_init_residual) if backbone is None else backbone
         self.projector, self.predictor = self.make_heads(self.backbone.dim)
 
     def make_heads(self, dim: int):
-        return heads(self.method, dim)
+        return heads(self.method, dim, self.vit)
 
     def features(self, x):
         """(N, C, H, W) view -> (R*N, D) pooled backbone features of its online samples."""
@@ -499,19 +516,23 @@ class LARS(torch.optim.Optimizer):
 
 
 def make_optimizer(model: OnlineEncoder, name: str, lr: float, weight_decay: float, fix_predictor_lr: bool = False):
-    """SGD (momentum 0.9) or LARS over the online model. fix_predictor_lr puts the predictor in its own group
-    whose lr stays at `lr` (SimSiam / Fast-MoCo: the predictor is not scheduled); see set_lr."""
+    """SGD (momentum 0.9), LARS or AdamW (MoCo v3's ViT) over the online model's trainable parameters (a frozen
+    patch projection stays out). fix_predictor_lr puts the predictor in its own group whose lr stays at `lr`
+    (SimSiam / Fast-MoCo: the predictor is not scheduled); see set_lr."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
     if fix_predictor_lr:
         pred = set(map(id, model.predictor.parameters()))
-        groups = [dict(params=[p for p in model.parameters() if id(p) not in pred]),
+        groups = [dict(params=[p for p in trainable if id(p) not in pred]),
                   dict(params=list(model.predictor.parameters()), fixed_lr=True)]
     else:
-        groups = [dict(params=list(model.parameters()))]
+        groups = [dict(params=trainable)]
+    if name == "adamw":  # moco-v3 main_moco.py: AdamW over all parameters, wd included
+        return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
     if name == "lars":
         return LARS(groups, lr=lr, weight_decay=weight_decay)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    raise ValueError(f"unknown optimizer {name!r}: choose sgd or lars")
+    raise ValueError(f"unknown optimizer {name!r}: choose sgd, lars or adamw")
 
 
 def set_lr(optimizer, lr: float):
@@ -686,6 +707,9 @@ def load_backbone(path, arch: str = None):
     must then agree) or from `arch` (default resnet50); a 3x3 conv1 means the small stem. Raises ValueError with a
     one-line reason for anything else."""
     tensors, meta = load_checkpoint(path)
+    if meta.get("arch") and meta["arch"] not in ARCHS:
+        raise ValueError(f"{path} holds a {meta['arch']} backbone (a timm model), not a torchvision ResNet: this tool "
+                         "builds ResNets only")
     sd = prefixed(tensors, "backbone.") or {k: v for k, v in tensors.items() if not k.startswith("fc.")}
     if "conv1.weight" not in sd:
         raise ValueError(f"{path} holds no ResNet backbone (no backbone.conv1.weight or conv1.weight): pass a "

@@ -22,6 +22,7 @@ import typer
 from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+import backbones
 import fastmoco as fm
 import runs
 from data import (IGNORE, labelled_loss, load_split, num_classes, probe_transforms, process_shards, sample_seed,
@@ -214,7 +215,8 @@ def main(
                                            "validation-*/test-*.parquet (columns image, label), or 'demo'.")
                     ] = "ILSVRC/imagenet-1k",
     arch: Annotated[Optional[str], typer.Option(
-        help="torchvision ResNet. Default: the checkpoint's (which it must match), else resnet50.")] = None,
+        help="torchvision ResNet or timm model. Default: the checkpoint's (which it must match), else resnet50.")
+    ] = None,
     image_size: Annotated[Optional[int], typer.Option(
         help="Crop size. Default: the checkpoint's pretraining size, else 224 (test: Resize 256, CenterCrop 224).")
     ] = None,
@@ -254,10 +256,10 @@ def main(
         trackers = runs.check_stage(args, RANGES, log_with)
     except ValueError as e:
         fail(e)
-    if arch is not None and arch not in fm.ARCHS:
-        fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    if arch is not None and (msg := backbones.check(arch)):
+        fail(msg)
     try:
-        backbone, meta = fm.load_backbone(ckpt, arch)
+        backbone, meta = backbones.load(ckpt, arch)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     image_size = image_size if image_size is not None else meta.get("image_size") or 224

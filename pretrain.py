@@ -23,6 +23,7 @@ import typer
 from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+import backbones
 import fastmoco as fm
 import gpu_augment
 import runs
@@ -33,6 +34,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 # Each method's published (ImageNet) recipe, and the small-data one (32-96 px datasets, --recipe small)
 RECIPES = dict(imagenet={**fm.RECIPES, **vr.RECIPES}, small={**fm.SMALL_RECIPES, **vr.SMALL_RECIPES})
+VIT_RECIPES = dict(imagenet=fm.VIT_RECIPES, small=fm.SMALL_VIT_RECIPES)  # MoCo v3 / Fast-MoCo when --arch is a ViT
 
 
 Precision = Enum("Precision", {p: p for p in ("no", "bf16", "fp16")}, type=str)
@@ -87,10 +89,13 @@ def step_loss(model, target, views, queue, step, *, method, variant, tau, patche
 
 
 def resolve_recipe(recipe: str, method: str, overrides: dict) -> dict:
-    """The recipe with the flags that were given (the architecture too: ResNet-50 unless the recipe names another);
-    a recipe's warm-up is cut to a tenth of the run (MoCo v3's 10 epochs would otherwise outlast a short run), a
-    --warmup-epochs given explicitly is kept."""
-    r = {"arch": "resnet50", **RECIPES[recipe][method], **{n: v for n, v in overrides.items() if v is not None}}
+    """The recipe with the flags that were given (the architecture too: ResNet-50 unless the recipe names another;
+    MoCo v3's ViT recipe when it is a timm ViT); a recipe's warm-up is cut to a tenth of the run (MoCo v3's 10 epochs
+    would otherwise outlast a short run), a --warmup-epochs given explicitly is kept."""
+    arch = overrides.get("arch") or RECIPES[recipe][method].get("arch", "resnet50")
+    vit = method in VIT_RECIPES[recipe] and not backbones.check(arch) and backbones.is_vit(arch)
+    r = {"arch": "resnet50", **(VIT_RECIPES if vit else RECIPES)[recipe][method],
+         **{n: v for n, v in overrides.items() if v is not None}}
     if overrides.get("warmup_epochs") is None:
         r["warmup_epochs"] = min(r["warmup_epochs"], r["epochs"] / 10)
     return r
@@ -160,8 +165,8 @@ def check_args(acc, r, arch, image_size, small_stem, patches, grid, k, queue_siz
                resume):
     """One-line errors for settings that cannot run together, before any work (each value alone: RANGES)."""
     B, world = r["batch_size"], acc.num_processes
-    if arch not in fm.ARCHS:
-        fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    if msg := backbones.check(arch, r["arch_kwargs"], small_stem):
+        fail(msg)
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
     if patches and (image_size % grid or not 1 <= k < grid * grid):
@@ -170,7 +175,8 @@ def check_args(acc, r, arch, image_size, small_stem, patches, grid, k, queue_siz
     if queue_size and queue_size % B:
         fail(f"--queue-size {queue_size} is not divisible by the global batch {B}: MoCo enqueues whole batches")
     smallest = min(image_size // grid if patches else image_size, multi_crop_size if multi_crop else image_size)
-    if acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if small_stem else 16):
+    if (acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if small_stem else 16)
+            and backbones.is_torchvision(arch)):
         # torch 2.14 CPU: the bf16 weight gradient of a stride-2 conv on a 1x1 input (layer4.0 here) is sometimes inf
         fail(f"{smallest} px inputs reach layer4 at 1x1, where CPU bf16 gives non-finite gradients: use "
              "--mixed-precision no, --small-stem, or a larger --image-size")
@@ -262,7 +268,11 @@ def main(
              "lightly's / solo-learn's CIFAR recipes, CIFAR stem, 32 px, batch 256, 200 epochs (README).")
     ] = Recipe.imagenet,
     arch: Annotated[Optional[str], typer.Option(
-        help=f"torchvision ResNet: {', '.join(fm.ARCHS)}. Recipe: resnet50, small resnet18.")] = None,
+        help=f"torchvision ResNet ({', '.join(fm.ARCHS)}) or any timm model (convnext_atto, vit_small_patch16_224, "
+             "...; a ViT gets MoCo v3's ViT recipe). Recipe: resnet50, small resnet18.")] = None,
+    arch_kwargs: Annotated[Optional[str], typer.Option(
+        help="timm model arguments, name=value,... (e.g. patch_size=4,img_size=32 for a CIFAR ViT); saved with the "
+             "checkpoint, so timm.create_model(arch, num_classes=0, **them) loads its backbone strictly.")] = None,
     image_size: Annotated[Optional[int], typer.Option(
         help="Crop size of the augmented views. Recipe: 224, small 32.")] = None,
     small_stem: Annotated[Optional[bool], typer.Option(
@@ -357,7 +367,7 @@ def main(
         help="Experiment trackers (Accelerate's names: tensorboard, wandb, mlflow, trackio, ...); repeat the flag or "
              "separate with commas. Each reads its usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...).")] = None,
 ):
-    """Pretrain a ResNet with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
+    """Pretrain a ResNet (or any timm backbone) with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
     args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
     # 1. every argument checked before any work: each value, then the recipe and the values together
     with user_errors():
@@ -366,14 +376,19 @@ def main(
         arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
         momentum=momentum, tau=tau, clip_grad=clip_grad))
     arch = args["arch"] = r["arch"]  # saved resolved, as image_size: resume compares it
+    with user_errors():
+        r["arch_kwargs"] = backbones.parse_kwargs(arch_kwargs)
     if image_size is None:  # saved resolved: resume compares it
         image_size = args["image_size"] = r.get("image_size", 224)
-    small_stem = r.get("small_stem", image_size <= 64) if small_stem is None else small_stem
+    if small_stem is None:  # a torchvision ResNet's CIFAR stem; timm models keep their own
+        small_stem = r.get("small_stem", image_size <= 64) and backbones.is_torchvision(arch)
     queued, queue_size, warm_queue = queue_settings(method.value, r, queue_size, warm_queue)
     patches = method.value == "fastmoco" if patches is None else patches
     variant = vr.is_variant(method.value, patches, pipeline.value, combine.value, combinations, same_view, multi_crop)
     if official_init and method.value != "fastmoco":
         fail(f"--official-init is the official Fast-MoCo code's init: --method {method.value} has its own (drop it)")
+    if (official_init or pipeline.value.startswith("montage")) and not backbones.is_torchvision(arch):
+        fail(f"--official-init and --pipeline montage-* reach into a torchvision ResNet: --arch {arch} is not one")
     if variant and (msg := vr.check(method.value, patches, grid, combine_k, pipeline.value, combine.value,
                                     combine_lambda, combinations, same_view, multi_crop, momentum)):
         fail(msg)
@@ -400,9 +415,13 @@ def main(
 
     # 3. online and target encoders, optimizer, queue (same init on every process)
     torch.manual_seed(seed)
+    net = None if backbones.is_torchvision(arch) else backbones.build(arch, kwargs=r["arch_kwargs"])  # timm's
+    if r.get("mocov3_vit"):
+        backbones.mocov3_vit(net)
+    vit = r.get("mocov3_vit", False)  # MoCo v3's ViT heads
     model = (vr.Encoder(method.value, arch, small_stem, patches, grid, combine_k, pipeline.value, combine.value,
-                        combine_lambda, beta_alpha, combinations) if variant else
-             fm.OnlineEncoder(method.value, arch, small_stem, grid, combine_k))
+                        combine_lambda, beta_alpha, combinations, net, vit) if variant else
+             fm.OnlineEncoder(method.value, arch, small_stem, grid, combine_k, net, vit))
     split_bn(model, method.value, bn_splits, B, world)
     model, target, fmt = on_device(model, r["sync_bn"], channels_last, acc, official_init)
     base_lr = r["lr"] * B / 256
@@ -436,7 +455,8 @@ def main(
     # 5. train
     output_dir.mkdir(parents=True, exist_ok=True)
     acc.init_trackers("pretrain", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
-    meta = dict(format="fastmoco-pretrain-v1", method=method.value, arch=arch, small_stem=small_stem, world_size=world,
+    meta = dict(format="fastmoco-pretrain-v1", method=method.value, arch=arch, arch_kwargs=r["arch_kwargs"],
+                small_stem=small_stem, world_size=world,
                 image_size=image_size, args=args, recipe=r, fastmoco_sha256=fm.source_hash(), total_steps=total)
     log = runs.open_log(output_dir / "log.jsonl", step) if acc.is_main_process else None
     loss_fn = functools.partial(step_loss, method=method.value, variant=variant, tau=r["tau"], patches=patches,

@@ -22,6 +22,7 @@ import typer
 from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+import backbones
 import fastmoco as fm
 import runs
 from data import IGNORE, labelled_loss, load_split, num_classes, probe_transforms, with_labels
@@ -151,7 +152,8 @@ def main(
         help="Column the subset file's ids refer to (the image column: its file names). None: ids are row numbers.")
     ] = None,
     arch: Annotated[Optional[str], typer.Option(
-        help="torchvision ResNet. Default: the checkpoint's (which it must match), else resnet50.")] = None,
+        help="torchvision ResNet or timm model. Default: the checkpoint's (which it must match), else resnet50.")
+    ] = None,
     image_size: Annotated[Optional[int], typer.Option(
         help="Crop size. Default: the checkpoint's pretraining size, else 224.")] = None,
     batch_size: Annotated[int, typer.Option(help="Global batch. Paper: 256.")] = 256,
@@ -178,12 +180,12 @@ def main(
         trackers = runs.check_stage(args, RANGES, log_with)
     except ValueError as e:
         fail(e)
-    if arch is not None and arch not in fm.ARCHS:
-        fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    if arch is not None and (msg := backbones.check(arch)):
+        fail(msg)
     if subset_file is None and not 0 < fraction <= 1:
         fail(f"--fraction {fraction} must be in (0, 1]")
     try:
-        net, meta = fm.load_backbone(ckpt, arch)
+        net, meta = backbones.load(ckpt, arch)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     image_size = image_size if image_size is not None else meta.get("image_size") or 224
@@ -206,14 +208,14 @@ def main(
     if len(rows) < B:
         fail(f"the labelled subset has {len(rows)} images, fewer than one batch of {B}: lower --batch-size")
 
-    # 2. model: the pretrained backbone plus a new classifier (torchvision's fc), both trained, BN in train mode
+    # 2. model: the pretrained backbone plus a new classifier (torchvision's fc, timm's head), both trained, BN in train mode
     torch.manual_seed(seed)
-    net.fc = nn.Linear(net.dim, classes)
-    nn.init.normal_(net.fc.weight, std=0.01)
-    nn.init.zeros_(net.fc.bias)
-    head = set(map(id, net.fc.parameters()))
+    fc = backbones.attach_classifier(net, meta["arch"], classes)  # torchvision's fc, timm's own classifier
+    nn.init.normal_(fc.weight, std=0.01)
+    nn.init.zeros_(fc.bias)
+    head = set(map(id, fc.parameters()))
     groups = [dict(params=[p for p in net.parameters() if id(p) not in head], base_lr=lr_backbone),
-              dict(params=list(net.fc.parameters()), base_lr=lr_head)]
+              dict(params=list(fc.parameters()), base_lr=lr_head)]
     # paper Appendix B.3: SGD, Nesterov momentum 0.9, no weight decay, no gradient clipping
     optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=0.9, nesterov=True, weight_decay=0.0)
     train_tf, test_tf = probe_transforms(image_size)
@@ -263,7 +265,8 @@ def main(
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         fm.save_checkpoint(output_dir / "finetuned.safetensors", acc.unwrap_model(model).state_dict(),
-                           dict(format="fastmoco-semisup-v1", arch=meta["arch"], small_stem=meta["small_stem"],
+                           dict(format="fastmoco-semisup-v1", arch=meta["arch"], arch_kwargs=meta.get("arch_kwargs") or {},
+                                small_stem=meta["small_stem"],
                                 image_size=image_size, args=args, results=results, subset=rows))
         runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         log.commit()

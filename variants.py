@@ -46,7 +46,7 @@ PIPELINES = ("divide-encode-combine", "divide-combine-encode", "sample-combine-e
 
 # ----------------------------------------------------------------------------- heads of the other frameworks
 
-def heads(method: str, dim: int):
+def heads(method: str, dim: int, vit: bool = False):
     """(projector, predictor) of BYOL / SimSiam / NNCLR, else fastmoco.heads."""
     if method == "byol":  # BYOL Sec. 3.3: Linear 4096 + BN + ReLU + Linear 256; the predictor has the same shape
         return fm.mlp([dim, 4096, 256]), fm.mlp([256, 4096, 256])
@@ -54,7 +54,7 @@ def heads(method: str, dim: int):
         return fm.mlp([dim, 2048, 2048, 2048], last_bn=True, last_bn_affine=False), fm.mlp([2048, 512, 2048])
     if method == "nnclr":  # NNCLR Sec. 4.1: projector [2048, 2048, 256] with BN, predictor [4096, 256]
         return fm.mlp([dim, 2048, 2048, 256], last_bn=True), fm.mlp([256, 4096, 256])
-    return fm.heads(method, dim)
+    return fm.heads(method, dim, vit)
 
 
 # ----------------------------------------------------------------------------- combine: operators and subsets
@@ -176,14 +176,15 @@ class Encoder(fm.OnlineEncoder):
     every run without patches) features() is OnlineEncoder's own, so a change there reaches every variant."""
 
     def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, patches=True, grid=2, k=2,
-                 pipeline="divide-encode-combine", combine="mean", lam=0.5, alpha=1.0, combinations=0):
-        super().__init__(method, arch, small_stem, grid, k)
+                 pipeline="divide-encode-combine", combine="mean", lam=0.5, alpha=1.0, combinations=0, backbone=None,
+                 vit=False):
+        super().__init__(method, arch, small_stem, grid, k, backbone, vit)
         self.patches, self.pipeline, self.combine, self.lam, self.alpha = patches, pipeline, combine, lam, alpha
         self.all = math.comb(grid * grid, k)
         self.subsets = balanced_subsets(grid * grid, k, combinations or self.all) if patches else []
 
     def make_heads(self, dim: int):
-        return heads(self.method, dim)
+        return heads(self.method, dim, self.vit)
 
     def chosen(self):
         """This forward's subsets: all C(P, k), or (Sec. 5.4) the balanced subset relabelled by a random

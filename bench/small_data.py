@@ -32,7 +32,8 @@ from bench.sample_efficiency import subset  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
-RUNS = {  # name -> pretrain.py flags
+VIT = ["--arch", "vit_tiny_patch16_224", "--arch-kwargs", "patch_size=4,img_size=32,depth=4"]
+RUNS = {  # name -> pretrain.py flags (after --arch resnet18, which an --arch here overrides)
     "fastmoco": ["--method", "fastmoco"],
     "fastmoco-no-patches": ["--method", "fastmoco", "--no-patches"],  # Table 4b's baseline: Fast-MoCo's recipe
     "mocov3": ["--method", "mocov3"],
@@ -51,13 +52,18 @@ RUNS = {  # name -> pretrain.py flags
     # MoCo's own CIFAR-10 demo, written independently of the project: bench/moco_reference.py flags, not pretrain.py's
     "reference-mocov1": [],
     "reference-mocov2": ["--v2"],  # the demo's loop with MoCo v2's head and tau
+    # a small ViT (timm's ViT-Tiny width, 4 blocks, 4 px patches: 8x8 tokens at 32 px) under MoCo v3's ViT recipe;
+    # Fast-MoCo on it is beyond the paper (each 16 px patch: 4x4 tokens, the position embedding interpolated)
+    "vit-mocov3": ["--method", "mocov3", *VIT],
+    "vit-fastmoco": ["--method", "fastmoco", *VIT],
 }
 LONGER = {"mocov3-2x": 2, "mocov3-4x": 4}
 CLAIM = ("fastmoco", "fastmoco-no-patches", "mocov3")
 BUDGET = ("fastmoco", "mocov3", "mocov3-2x", "mocov3-4x")
 FIDELITY = ("fastmoco", "fastmoco-official-init", "mocov2", "mocov2-no-split-bn", "mocov2-random-queue")
 PARITY = ("mocov1", "reference-mocov1", "mocov2", "reference-mocov2")
-GROUPS = {"claim": CLAIM, "budget": BUDGET, "all": [n for n in list(RUNS)[:10] if n not in LONGER], "fidelity": FIDELITY, "parity": PARITY}
+GROUPS = {"claim": CLAIM, "budget": BUDGET, "all": [n for n in list(RUNS)[:10] if n not in LONGER],
+          "fidelity": FIDELITY, "parity": PARITY, "vit": ("vit-mocov3", "vit-fastmoco")}
 COLUMNS = ["run", "seeds", "epochs", "kNN@init", "kNN@end", "std", "gain", "train_min", "img/s",
            "epoch reaching fastmoco@end"]
 
@@ -104,7 +110,8 @@ def main(
         "../shared/data/cifar10"),
     runs: Annotated[str, typer.Option(help=f"'claim' ({', '.join(CLAIM)}), 'budget' ({', '.join(BUDGET)}: Fast-MoCo "
                                            f"at E epochs vs MoCo v3 at E, 2E, 4E), 'all' (every method), 'fidelity' "
-                                           f"({', '.join(FIDELITY)}), or names from "
+                                           f"({', '.join(FIDELITY)}), 'vit' (MoCo v3 and Fast-MoCo on a small "
+                                           f"ViT), or names from "
                                            f"{', '.join(RUNS)}, comma-separated (groups too).")] = "claim",
     seeds: Annotated[str, typer.Option(help="Comma-separated seeds (init, data order, augmentation).")] = "0,1,2",
     train_images: Annotated[int, typer.Option(help="Training subset (the kNN bank).")] = 5000,
@@ -146,7 +153,7 @@ def main(
             else:
                 done_file = run / "ckpt.safetensors"
                 cmd = [sys.executable, str(ROOT / "pretrain.py"), "--data", str(sub), "--recipe", "small",
-                       *RUNS[name], "--arch", "resnet18", "--image-size", str(image_size),
+                       "--arch", "resnet18", *RUNS[name], "--image-size", str(image_size),
                        "--epochs", str(epochs * LONGER.get(name, 1)),
                        "--batch-size", str(batch_size), "--knn-every", str(knn_every), "--seed", str(seed),
                        "--workers", str(workers), "--mixed-precision", mixed_precision, "--no-tensorboard",

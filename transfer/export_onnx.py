@@ -26,6 +26,7 @@ import typer
 if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import backbones
 import fastmoco as fm
 import runs
 from data import MEAN, STD
@@ -111,7 +112,8 @@ def main(
                                               "ResNet weights (safetensors).")],
     output: Annotated[Path, typer.Argument(help="The .onnx file to write (replaced if it exists).")],
     arch: Annotated[Optional[str], typer.Option(
-        help="torchvision ResNet. Default: the checkpoint's (which it must match), else resnet50.")] = None,
+        help="torchvision ResNet or timm model. Default: the checkpoint's (which it must match), else resnet50.")
+    ] = None,
     image_size: Annotated[Optional[int], typer.Option(
         min=1, help="Height and width of the input. Default: the checkpoint's pretraining size, else 224.")] = None,
 ):
@@ -122,10 +124,10 @@ def main(
     except OSError as e:
         fail(f"{e}: choose another output file")
     onnx, ort = onnx_modules()
-    if arch is not None and arch not in fm.ARCHS:
-        fail(f"unknown --arch {arch}: choose one of {', '.join(fm.ARCHS)}")
+    if arch is not None and (msg := backbones.check(arch)):
+        fail(msg)
     try:
-        net, meta = fm.load_backbone(ckpt, arch)
+        net, meta = backbones.load(ckpt, arch)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     net.eval()  # BN uses its running statistics; the graph holds them (folded into the convolutions)
@@ -138,7 +140,7 @@ def main(
         tmp = Path(tmp)
         try:
             export(net, size, tmp)
-        except Exception as e:  # the exporter's own errors (torch.export, onnxscript): not expected for a ResNet
+        except Exception as e:  # the exporter's own errors (torch.export, onnxscript): e.g. a timm model torch.export cannot trace
             if isinstance(e, OSError):
                 raise
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""

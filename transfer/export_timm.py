@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import backbones
 import fastmoco as fm
 import runs
 from data import MEAN, STD
@@ -49,13 +50,21 @@ PAPERS = {"fastmoco": "Fast-MoCo (Ci et al., ECCV 2022, arXiv:2207.08220)",
           "nnclr": "NNCLR (Dwibedi et al., ICCV 2021, arXiv:2104.14548)"}
 
 
-def timm_config(arch: str, dim: int, image_size: int) -> dict:
+def timm_config(arch: str, dim: int, image_size: int, net=None, kwargs: dict = None) -> dict:
     """config.json as timm's save_config_for_hf writes it. The preprocessing is this project's evaluation view
-    (data.clean_transform): bilinear resize by 256/224 above 64 px, centre crop, ImageNet mean/std."""
-    return dict(architecture=arch, num_classes=0, num_features=dim, global_pool="avg", pretrained_cfg=dict(
+    (data.clean_transform): bilinear resize by 256/224 above 64 px, centre crop, ImageNet mean/std. net: a timm
+    backbone (its own first conv, classifier and pooling; kwargs: the timm arguments it was built with)."""
+    config = dict(architecture=arch, num_classes=0, num_features=dim, global_pool="avg", pretrained_cfg=dict(
         tag="fastmoco", custom_load=False, input_size=[3, image_size, image_size], fixed_input_size=False,
         interpolation="bilinear", crop_pct=0.875 if image_size > 64 else 1.0, crop_mode="center", mean=list(MEAN),
         std=list(STD), num_classes=0, pool_size=[-(-image_size // 32)] * 2, first_conv="conv1", classifier="fc"))
+    if net is not None:
+        pool = getattr(net, "global_pool", "avg")
+        config.update(global_pool=pool if isinstance(pool, str) else getattr(pool, "pool_type", "avg"),
+                      model_args=dict(kwargs or {}))
+        config["pretrained_cfg"].update({k: net.pretrained_cfg[k] for k in ("first_conv", "classifier")})
+        config["pretrained_cfg"].pop("pool_size")
+    return config
 
 
 def dataset_id(meta: dict) -> Optional[str]:
@@ -186,7 +195,7 @@ def main(
     except OSError as e:
         fail(f"{e}: choose another output folder")
     try:
-        net, meta = fm.load_backbone(ckpt)
+        net, meta = backbones.load(ckpt)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     arch = meta["arch"]
@@ -199,7 +208,8 @@ def main(
     licence = license or source.get("license") or "unknown"
     meta = dict(meta, dim=net.dim)
     state = {k: v.contiguous() for k, v in net.state_dict().items()}  # timm's ResNet names = torchvision's
-    config = timm_config(arch, net.dim, meta.get("image_size") or 224)
+    config = timm_config(arch, net.dim, meta.get("image_size") or 224,
+                         None if backbones.is_torchvision(arch) else net, meta.get("arch_kwargs"))
     card = model_card(meta, arch, licence, results or [], push_to_hub)
     write_folder(output, {
         "model.safetensors": lambda p: save_file(state, str(p), metadata={"format": "pt"}),
