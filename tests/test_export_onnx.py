@@ -204,3 +204,25 @@ def test_command_lines_on_a_pretrain_run(pretrained, tmp_path):
     assert meta["image_size"] == 32
     net = torchvision_backbone("resnet18", fm.prefixed(tensors, "backbone."))
     assert_same(tmp_path / "f.onnx", net, 32)
+
+
+@pytest.mark.parametrize("arch, kwargs", [("vit_tiny_patch16_224", {"patch_size": 8, "img_size": 32, "depth": 2}),
+                                          ("convnext_atto", {})])
+def test_timm_backbone(tmp_path, arch, kwargs):
+    """A timm backbone's checkpoint (a MoCo v3 ViT, a ConvNeXt): the file equals timm.create_model(arch, num_classes=0,
+    **arch_kwargs) loaded strictly from the checkpoint, at any batch size."""
+    timm = pytest.importorskip("timm")
+    import backbones
+    torch.manual_seed(0)
+    net = backbones.build(arch, kwargs=kwargs)
+    if arch.startswith("vit"):
+        backbones.mocov3_vit(net)
+    online = fm.OnlineEncoder("mocov3", backbone=net, vit=arch.startswith("vit"))
+    fm.save_checkpoint(tmp_path / "ckpt.safetensors", dict(online.state_dict()),
+                       dict(format="fastmoco-pretrain-v1", method="mocov3", arch=arch, arch_kwargs=kwargs,
+                            small_stem=False, image_size=32))
+    call(export, tmp_path / "ckpt.safetensors", tmp_path / "m.onnx", arch=None, image_size=None)
+    assert shapes(onnx.load(str(tmp_path / "m.onnx")))["features"] == ["batch", net.dim]
+    ref = timm.create_model(arch, num_classes=0, **kwargs)
+    ref.load_state_dict(fm.prefixed(fm.load_checkpoint(tmp_path / "ckpt.safetensors")[0], "backbone."), strict=True)
+    assert_same(tmp_path / "m.onnx", ref.eval(), 32)
