@@ -8,7 +8,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DATA=${1:-.data/cifar10}
 EPOCHS=${EPOCHS:-15}
-RUNS=${RUNS:-claim}  # or budget: Fast-MoCo at EPOCHS against MoCo v3 at 1x, 2x, 4x (docs/small-data.md)
+RUNS=${RUNS:-claim}  # or budget (Fast-MoCo at EPOCHS vs MoCo v3 at 1x, 2x, 4x), vit (both on a small ViT): docs/small-data.md
 if ! ls "$DATA"/train-*.parquet > /dev/null 2>&1; then  # bench/small_data skips (exit 0) without data: not here
     echo "error: no CIFAR-10 parquet files in $DATA: run bench/device_prepare.sh (and carry .data), or pass the folder"
     exit 1
