@@ -17,6 +17,7 @@ import math
 import torch
 import torch.nn as nn
 
+import checkpoints as ck
 import fastmoco as fm
 
 TIMM_HINT = "python -c \"import timm; print(timm.list_models('vit*'))\""
@@ -132,10 +133,10 @@ def load(path, arch: str = None):
     """(backbone, metadata) from a pretrain.py checkpoint of any arch, torchvision ResNet weights, or a timm model's
     weights in safetensors (with `arch` naming it; its classifier is dropped): loaded strictly. A timm backbone is
     rebuilt from the metadata's arch and arch_kwargs. ValueError: one line."""
-    tensors, meta = fm.load_checkpoint(path)
+    tensors, meta = ck.load_checkpoint(path)
     saved = meta.get("arch")
     if is_torchvision(saved or arch or "resnet50"):
-        return fm.load_backbone(path, arch)
+        return ck.load_backbone(path, arch)
     if saved and arch and saved != arch:
         raise ValueError(f"{path} is a {saved} checkpoint, not {arch}: pass --arch {saved} or leave it out")
     arch, kwargs = saved or arch, meta.get("arch_kwargs") or {}
@@ -143,7 +144,7 @@ def load(path, arch: str = None):
         raise ValueError(f"{path}: {msg}")
     net = build(arch, kwargs=kwargs)
     head = net.pretrained_cfg.get("classifier") or "head"  # a timm classifier's weights (head.*, fc.*): not ours
-    sd = fm.prefixed(tensors, "backbone.") or {k: v for k, v in tensors.items() if not k.startswith(head + ".")}
+    sd = ck.prefixed(tensors, "backbone.") or {k: v for k, v in tensors.items() if not k.startswith(head + ".")}
     expected = net.state_dict()
     bad = sorted(set(expected) ^ set(sd)) + [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
     if bad:

@@ -1,8 +1,8 @@
 """Fast-MoCo (Ci et al., ECCV 2022) and the MoCo family it builds on (v1, v2, v3), as plain functions.
 
-Copy-pasteable: imports only torch, torchvision, safetensors and the standard library. No I/O besides the
-checkpoint helpers at the end, no launch code. RECIPES holds every method's published numbers, SMALL_RECIPES
-the small-data ones (32-96 px datasets).
+Copy-pasteable: imports only torch, torchvision and the standard library. No I/O (checkpoint files: checkpoints.py),
+no launch code. RECIPES holds every method's published numbers, SMALL_RECIPES the small-data ones (32-96 px
+datasets), TRAITS what sets the methods apart besides their recipes.
 
 One complete training step, in the official order (lr, EMA before the forward, loss, clip, step, enqueue); any of
 METHODS runs as written (a test executes this block), on a CPU in seconds:
@@ -35,23 +35,39 @@ this with Accelerate, plus mixed precision, data, resume and logging.
 
 import copy
 import functools
-import hashlib
 import itertools
-import json
 import math
-import os
 from collections import OrderedDict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 METHODS = ("fastmoco", "mocov3", "mocov2", "mocov1")
+# What sets the methods apart besides their recipe, read by every file (variants.py's three included), so no file
+# re-derives it from a method's name. queue: rows of MoCo's negatives / NNCLR's support set by default (0: none) and
+# key_dim their width; shuffle_bn: the key's BN over a shuffled batch (split BN on one process, MoCo v1/v2);
+# zero_init_residual: torchvision's init with the last BN of each block at 0 (MoCo v3 / Fast-MoCo / BYOL; the official
+# MoCo v1/v2 build the ResNet as is); ema: a momentum encoder (SimSiam and NNCLR use the online branch's own output);
+# loss_scale: 2 where the original sums its two symmetric terms (MoCo v3 scales each by 2 tau, BYOL).
+TRAITS = {
+    "fastmoco": dict(patches=True, queue=0, key_dim=0, shuffle_bn=False, zero_init_residual=True, ema=True,
+                     loss_scale=1.0),
+    "mocov3": dict(patches=False, queue=0, key_dim=0, shuffle_bn=False, zero_init_residual=True, ema=True,
+                   loss_scale=2.0),
+    "mocov2": dict(patches=False, queue=65536, key_dim=128, shuffle_bn=True, zero_init_residual=False, ema=True,
+                   loss_scale=1.0),
+    "mocov1": dict(patches=False, queue=65536, key_dim=128, shuffle_bn=True, zero_init_residual=False, ema=True,
+                   loss_scale=1.0),
+    "byol": dict(patches=False, queue=0, key_dim=0, shuffle_bn=False, zero_init_residual=True, ema=True,
+                 loss_scale=2.0),
+    "simsiam": dict(patches=False, queue=0, key_dim=0, shuffle_bn=False, zero_init_residual=True, ema=False,
+                    loss_scale=1.0),
+    "nnclr": dict(patches=False, queue=98304, key_dim=256, shuffle_bn=False, zero_init_residual=True, ema=False,
+                  loss_scale=1.0),
+}
 # Each method's published recipe (official code where it differs from the paper). lr is per 256 images: the lr used
 # is lr * batch_size / 256. Warmup is in epochs, milestones in fractions of the run; momentum is the EMA's m.
 RECIPES = {
@@ -145,8 +161,9 @@ def heads(method: str, dim: int, vit: bool = False):
         return (mlp([dim, 2048, 2048, 2048], bias=True, last_bn=True, last_bn_affine=True),
                 mlp([2048, 512, 2048], bias=True))
     if method == "mocov3":
-        # MoCo v3 (ResNet path): bias-free 4096/256 MLPs, the projector's last BN without affine.
-        return (mlp([dim, 4096, 4096, 256] if vit else [dim, 4096, 256], bias=False, last_bn=True, last_bn_affine=False),
+        # MoCo v3: bias-free 4096/256 MLPs (the projector 2 layers on a ResNet, 3 on a ViT), last BN without affine.
+        dims = [dim, 4096, 4096, 256] if vit else [dim, 4096, 256]
+        return (mlp(dims, bias=False, last_bn=True, last_bn_affine=False),
                 mlp([256, 4096, 256], bias=False))
     if method == "mocov2":
         return mlp([dim, 2048, 128], bn=False), nn.Identity()  # MoCo v2: 2048-ReLU-128, no BN
@@ -167,9 +184,8 @@ class OnlineEncoder(nn.Module):
     def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, grid=2, k=2, backbone=None, vit=False):
         super().__init__()
         self.method, self.grid, self.k, self.vit = method, grid, k, vit
-        self.patches = method == "fastmoco"  # combinatorial patches on the online branch
-        # Official MoCo v1/v2 build torchvision's ResNet as is (zero_init_residual=False); MoCo v3 / Fast-MoCo: True
-        self.zero_init_residual = method not in ("mocov1", "mocov2")
+        self.patches = TRAITS[method]["patches"]  # combinatorial patches on the online branch
+        self.zero_init_residual = TRAITS[method]["zero_init_residual"]
         self.backbone = resnet(arch, small_stem, self.zero_init_residual) if backbone is None else backbone
         self.projector, self.predictor = self.make_heads(self.backbone.dim)
 
@@ -584,146 +600,3 @@ def step_loss(method, model, target, x1, x2, tau, queue=None, generator=None):
     if method in ("mocov2", "mocov1"):
         return moco_loss(model, target, x1, x2, queue, tau, generator)
     raise ValueError(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
-
-
-# ----------------------------------------------------------------------------- evaluation
-
-@torch.no_grad()
-def knn_predict(feats, bank, bank_labels, classes: int, k: int = 200, t: float = 0.1):
-    """Weighted kNN (Wu et al. 2018, as in MoCo's CIFAR demo): the k most cosine-similar bank entries vote for their
-    label with weight exp(sim / t). feats (B, D), bank (M, D), bank_labels (M,) -> predicted labels (B,)."""
-    sim = F.normalize(feats.float(), dim=1) @ F.normalize(bank.float(), dim=1).T  # (B, M)
-    w, idx = sim.topk(min(k, bank.shape[0]), dim=1)
-    scores = torch.zeros(feats.shape[0], classes, device=feats.device)
-    scores.scatter_add_(1, bank_labels[idx], (w / t).exp())
-    return scores.argmax(1)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-# safetensors + JSON metadata only: nothing is ever unpickled. Keys: backbone.* (torchvision names, no fc),
-# projector.*, predictor.*, target.backbone.*, target.projector.*, optimizer.<i>.<buffer>, queue, ...
-
-def source_hash() -> str:
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()
-
-
-def save_checkpoint(path, tensors: dict, metadata: dict):
-    """Atomic write: a temporary file, fsync, then rename, so `path` is never a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    metadata = dict(metadata, tensors_sha256=tensors_hash(tensors))  # load_checkpoint detects corrupted bytes
-    try:
-        save_file(tensors, str(tmp), metadata={k: json.dumps(v) for k, v in metadata.items()})
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        share_as_umask_says(tmp)
-        os.replace(tmp, path)
-    except (SafetensorError, OSError) as e:  # full disk, quota, file size limit, `path` a folder: `path` is untouched
-        tmp.unlink(missing_ok=True)
-        raise OSError(f"cannot write {path}: {getattr(e, 'strerror', None) or e}") from None
-
-
-def umask() -> int:
-    """The process's umask. Read from /proc on Linux: setting it to read it (os.umask) would change it for a moment
-    for every thread of the process."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except OSError:
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def share_as_umask_says(path):
-    """Give a file 0666 & ~umask, a folder 0777 & ~umask, as open() and mkdir() would have. Temporary files and
-    folders are made 0600 / 0700 (safetensors' save_file, tempfile.mkdtemp), and renaming one into place keeps that:
-    on a shared cluster teammates could not read the weights."""
-    try:
-        os.chmod(path, (0o777 if Path(path).is_dir() else 0o666) & ~umask())
-    except OSError:  # a file system without modes (some network / FUSE mounts): the write itself is fine
-        pass
-
-
-def tensors_hash(tensors: dict) -> str:
-    """sha256 of every tensor's name, dtype, shape and raw bytes, in name order."""
-    h = hashlib.sha256()
-    for k in sorted(tensors):
-        v = tensors[k].detach().cpu().contiguous()
-        h.update(f"{k}|{v.dtype}|{tuple(v.shape)}|".encode())
-        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
-    return h.hexdigest()
-
-
-def load_checkpoint(path):
-    """(tensors, metadata) of a safetensors checkpoint; metadata values are parsed as JSON, never evaluated."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = {k: _json_or_str(v) for k, v in (f.metadata() or {}).items()}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise ValueError(f"{path} is not a readable safetensors checkpoint ({e}); pass a .safetensors file "
-                         "written by pretrain.py or safetensors.torch.save_file") from None
-    if "tensors_sha256" in meta and meta.pop("tensors_sha256") != tensors_hash(tensors):
-        raise ValueError(f"{path} is corrupt: its tensors do not match the checksum written with them")
-    return tensors, meta
-
-
-def _json_or_str(v: str):
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:  # other writers' metadata, e.g. {"format": "pt"}: keep the raw string
-        return v
-
-
-def prefixed(tensors: dict, prefix: str) -> dict:
-    """The entries under `prefix`, with the prefix stripped (e.g. 'backbone.' -> a torchvision state dict)."""
-    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
-
-
-def optimizer_tensors(optimizer) -> dict:
-    """Optimizer buffers (momentum) as flat tensors `optimizer.<param index>.<name>`."""
-    return {f"optimizer.{i}.{name}": v for i, s in optimizer.state_dict()["state"].items()
-            for name, v in s.items() if torch.is_tensor(v)}
-
-
-def load_optimizer_tensors(optimizer, tensors: dict):
-    state = {}
-    for key, v in prefixed(tensors, "optimizer.").items():
-        i, name = key.split(".", 1)
-        state.setdefault(int(i), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
-
-
-def load_backbone(path, arch: str = None):
-    """(backbone, metadata) from a pretrain.py checkpoint (backbone.* keys) or plain torchvision ResNet weights in
-    safetensors (conv1.weight, ...; fc.* ignored), loaded strictly. The architecture comes from the metadata (`arch`
-    must then agree) or from `arch` (default resnet50); a 3x3 conv1 means the small stem. Raises ValueError with a
-    one-line reason for anything else."""
-    tensors, meta = load_checkpoint(path)
-    if meta.get("arch") and meta["arch"] not in ARCHS:
-        raise ValueError(f"{path} holds a {meta['arch']} backbone (a timm model), not a torchvision ResNet: this tool "
-                         "builds ResNets only")
-    sd = prefixed(tensors, "backbone.") or {k: v for k, v in tensors.items() if not k.startswith("fc.")}
-    if "conv1.weight" not in sd:
-        raise ValueError(f"{path} holds no ResNet backbone (no backbone.conv1.weight or conv1.weight): pass a "
-                         "checkpoint written by pretrain.py or torchvision ResNet weights saved with safetensors")
-    saved = meta.get("arch")
-    if saved and arch and saved != arch:
-        raise ValueError(f"{path} is a {saved} checkpoint, not {arch}: pass --arch {saved} or leave it out")
-    arch = saved or arch or "resnet50"
-    small_stem = sd["conv1.weight"].shape[-1] == 3  # torchvision's stem is 7x7
-    net = resnet(arch, small_stem)
-    expected = net.state_dict()
-    bad = sorted(set(expected) ^ set(sd)) + [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
-    if bad:
-        raise ValueError(f"{path} does not fit a {arch} ({len(bad)} keys missing, extra or of another shape, e.g. "
-                         f"{bad[0]}): pass the --arch it was trained with")
-    net.load_state_dict(sd)
-    return net, dict(meta, arch=arch, small_stem=small_stem)

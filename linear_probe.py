@@ -23,9 +23,12 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import backbones
+import checkpoints as ck
 import fastmoco as fm
+import knn
 import runs
-from data import (IGNORE, labelled_loss, load_split, num_classes, probe_transforms, process_shards, sample_seed,
+from cli import Precision, fail, labelled_splits, saved_args
+from data import (IGNORE, labelled_loss, num_classes, probe_transforms, process_shards, sample_seed,
                   with_labels)
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
@@ -61,44 +64,10 @@ def linear_weights(clf: nn.Module) -> dict:
     return {"fc.weight": w, "fc.bias": b}
 
 
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
 RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr": (0,), "weight_decay": (0,), "knn_k": (1,),
           "knn_t": (">0",), "workers": (0,)}  # option: (low,) or (low, high); None (the recipe's) is not checked
 
 
-def fail(msg):
-    """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
-    raise SystemExit(f"error: {msg}")
-
-
-def labelled_splits(data: str, image_column: str, streaming: bool):
-    """(train, n_train, val, n_val, val split name) of labelled --data, or a one-line error."""
-    import datasets
-
-    datasets.disable_progress_bars()  # stderr stays clean for a one-line error; our rich bars show the work
-    try:  # data.py: a path that does not exist, an unreachable Hub
-        train, n = load_split(data, "train", streaming)
-        val, n_val, name = *load_split(data, "validation", streaming), "validation"
-        if val is None:
-            val, n_val, name = *load_split(data, "test", streaming), "test"
-    except ValueError as e:
-        fail(e)
-    if train is None or val is None:
-        fail(f"{data} needs a train split and a validation or test split (e.g. train-*.parquet and test-*.parquet)")
-    for split, ds in (("train", train), (name, val)):
-        missing = [c for c in (image_column, "label") if c not in (ds.column_names or [])]
-        if missing:
-            fail(f"the {split} split of {data} has no {' or '.join(missing)} column: this stage needs labelled "
-                 f"images (columns {image_column}, label); it has {', '.join(ds.column_names or [])}")
-    return train, n, val, n_val, name
-
-
-@torch.no_grad()
 def encode(backbone, ds, column, transform, batch, workers, acc, progress, what):
     """One clean pass over a split: pooled features (n, D) and labels (n,), gathered from every process."""
     loader = acc.prepare(torch.utils.data.DataLoader(with_labels(ds, column, transform), batch_size=batch,
@@ -130,10 +99,10 @@ def accuracy(logits, y, ks=(1, 5)):
 
 @torch.no_grad()
 def knn_accuracy(train_f, train_y, val_f, val_y, classes, k, t, chunk=1024) -> float:
-    """Weighted kNN top-1 in percent (Wu et al. 2018), pretrain.py's monitor's (runs.knn_predict): train features are
+    """Weighted kNN top-1 in percent (Wu et al. 2018), pretrain.py's monitor's (knn.knn_predict): train features are
     the bank (half precision on a GPU), queries in chunks."""
-    dtype = runs.bank_dtype(train_f.device)
-    pred = runs.knn_predict(runs.normalized(val_f, dtype), runs.normalized(train_f, dtype), train_y, classes, k, t,
+    dtype = knn.bank_dtype(train_f.device)
+    pred = knn.knn_predict(knn.normalized(val_f, dtype), knn.normalized(train_f, dtype), train_y, classes, k, t,
                             chunk)
     return 100.0 * (pred == val_y).float().mean().item()
 
@@ -250,7 +219,7 @@ def main(
              "config, each epoch's row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Linear probe (and kNN) of a frozen pretrained backbone; writes DIR/results.json."""
-    args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
+    args = saved_args(locals())
     # 1. checks before any work: each value, the checkpoint, then the data
     try:
         trackers = runs.check_stage(args, RANGES, log_with)
@@ -350,7 +319,7 @@ def main(
         results.update(knn_top1=knn_top1, knn_k=knn_k, knn_t=knn_t)
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        fm.save_checkpoint(output_dir / "linear.safetensors", linear_weights(acc.unwrap_model(fc)),
+        ck.save_checkpoint(output_dir / "linear.safetensors", linear_weights(acc.unwrap_model(fc)),
                            dict(format="fastmoco-linear-v1", args=args, results=results))
         runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         log.commit()

@@ -7,7 +7,6 @@ BYOL, SimSiam, NNCLR and the paper's ablations).
 Every default is the method's published recipe (README, "Methods and recipes"); any of them can be overridden.
 """
 
-import contextlib
 import functools
 import itertools
 import math
@@ -24,10 +23,14 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import backbones
+import checkpoints as ck
 import fastmoco as fm
 import gpu_augment
+import knn
 import runs
+import together
 import variants as vr
+from cli import Precision, fail, saved_args, user_errors
 from data import augmentations, loader_for, pretrain_data, sample_seed, small_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
@@ -37,7 +40,7 @@ RECIPES = dict(imagenet={**fm.RECIPES, **vr.RECIPES}, small={**fm.SMALL_RECIPES,
 VIT_RECIPES = dict(imagenet=fm.VIT_RECIPES, small=fm.SMALL_VIT_RECIPES)  # MoCo v3 / Fast-MoCo when --arch is a ViT
 
 
-Precision = Enum("Precision", {p: p for p in ("no", "bf16", "fp16")}, type=str)
+ABLATIONS = "Ablations (paper Sec. 5, Appendix C; docs/variants.md)"  # a --help panel after the everyday options
 Method = Enum("Method", {m: m for m in RECIPES["imagenet"]}, type=str)
 Recipe = Enum("Recipe", {r: r for r in RECIPES}, type=str)
 Pipeline = Enum("Pipeline", {p: p for p in vr.PIPELINES}, type=str)  # Table 4a, in the paper's words
@@ -45,25 +48,10 @@ Combine = Enum("Combine", {c: c for c in vr.COMBINES}, type=str)
 AugmentOn = Enum("AugmentOn", {a: a for a in ("cpu", "device")}, type=str)
 
 
-def fail(msg):
-    """A one-line, user-facing error: exits with status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
-
-
-@contextlib.contextmanager
-def user_errors():
-    """data.py and runs.py raise ValueError for bad input (or a state the run cannot continue from): end the run
-    with its one-line message."""
-    try:
-        yield
-    except ValueError as e:
-        fail(e)
-
-
 def one_line_errors(batches, rank, output_dir):
     """Yield from the iterator `batches`: a ValueError of the data (no decodable image) as its one-line error, any
     other exception of the loader (an unreadable shard, a dead worker) after its traceback as a one-line error that
-    names the process (runs.leave_together passes it to the others). The exceptions of the loop body that consumes
+    names the process (together.leave_together passes it to the others). The exceptions of the loop body that consumes
     the batches never pass through here."""
     try:
         yield from batches
@@ -71,7 +59,7 @@ def one_line_errors(batches, rank, output_dir):
         fail(str(e).strip().splitlines()[-1].removeprefix("ValueError: "))
     except Exception as e:
         traceback.print_exc()
-        fail(f"the data loader of process {rank} failed ({type(e).__name__}: {runs.first_line(e)}); fix the data "
+        fail(f"the data loader of process {rank} failed ({type(e).__name__}: {together.first_line(e)}); fix the data "
              f"and rerun the same command: it resumes from the last checkpoint in {output_dir}")
 
 
@@ -104,11 +92,11 @@ def resolve_recipe(recipe: str, method: str, overrides: dict) -> dict:
 def queue_settings(method, r, queue_size, warm_queue) -> tuple:
     """(whether the method has a queue -- MoCo's negatives or NNCLR's support set --, its size, --warm-queue) from
     the flags (None: the recipe's); the resolved --warm-queue is written into r."""
-    queued = method in ("mocov1", "mocov2", "nnclr")
+    queued = fm.TRAITS[method]["queue"] > 0
     if warm_queue and not queued:
         fail(f"--warm-queue fills MoCo v1/v2's queue or NNCLR's support set: --method {method} has none")
     warm_queue = r["warm_queue"] = queued and (r.get("warm_queue", False) if warm_queue is None else warm_queue)
-    return queued, queue_size or r.get("queue_size") or (98304 if method == "nnclr" else 65536), warm_queue
+    return queued, queue_size or r.get("queue_size") or fm.TRAITS[method]["queue"], warm_queue
 
 
 def schedules(step, total, per_epoch, base_lr, r) -> tuple:
@@ -187,9 +175,9 @@ def check_args(acc, r, arch, image_size, small_stem, patches, grid, k, queue_siz
 def split_bn(model, method, bn_splits, B, world):
     """MoCo v1/v2: BN over groups of the batch (--bn-splits; default 8 on one process, 1 with several, where the real
     shuffle-BN runs), MoCo's one-GPU stand-in for shuffle-BN. The target is a copy: its BN is split too."""
-    if bn_splits and method not in ("mocov1", "mocov2"):
+    if bn_splits and not fm.TRAITS[method]["shuffle_bn"]:
         fail(f"--bn-splits emulates MoCo v1/v2's shuffle-BN: --method {method} has none (drop --bn-splits)")
-    if method in ("mocov1", "mocov2"):
+    if fm.TRAITS[method]["shuffle_bn"]:
         bn_splits = bn_splits or (1 if world > 1 else next(s for s in (8, 4, 2, 1) if B % s == 0 and B // s >= 8))
         if B // world % bn_splits:
             fail(f"--bn-splits {bn_splits} does not divide the batch of {B // world} per process")
@@ -221,7 +209,7 @@ def save(acc, path, online, target, optimizer, queue, ptr, cursor, meta, keep):
         tensors["data.stream"] = acc.gather(cursor.state(meta["step"]).to(acc.device))
     if acc.is_main_process:
         try:
-            fm.save_checkpoint(path, tensors, meta)
+            ck.save_checkpoint(path, tensors, meta)
         except OSError as e:
             fail(f"{e}; free disk space and rerun the same command: it resumes from the last checkpoint in "
                  f"{path.parent}, which is intact")
@@ -250,13 +238,13 @@ def log_row(acc, log, window, step, per_epoch, B, seen, bad, skipped, lr, m, ski
     return f"loss {mean:.4f} lr {lr:.3g} m {m:.4f} {ips:.0f} img/s"
 
 
-def closing_line(path, step, total, seconds, knn) -> str:
-    knn_text = f"; kNN top-1 {knn[0]:.1f}% at the start -> {knn[-1]:.1f}% at the end" if len(knn) > 1 else ""
+def closing_line(path, step, total, seconds, top1s) -> str:
+    knn_text = f"; kNN top-1 {top1s[0]:.1f}% at the start -> {top1s[-1]:.1f}% at the end" if len(top1s) > 1 else ""
     return f"wrote {path} (step {step}/{total}, {seconds / 60:.1f} min of training){knn_text}"
 
 
 @app.command()
-@runs.leave_together  # one process fails (full disk, a data loader): all exit at once with its one-line error
+@together.leave_together  # one process fails (full disk, a data loader): all exit at once with its one-line error
 def main(
     data: Annotated[str, typer.Option(help="Hub dataset name (streamed), local folder of parquet files / images, "
                                            "a saved dataset, or 'demo' (built-in, no download).")
@@ -281,19 +269,25 @@ def main(
     grid: Annotated[int, typer.Option(help="Fast-MoCo: divide each view into grid x grid patches.")] = 2,
     combine_k: Annotated[int, typer.Option(
         help="Fast-MoCo: patches per combined embedding, the paper's k (1..grid^2-1).")] = 2,
-    patches: Annotated[Optional[bool], typer.Option(
+    patches: Annotated[Optional[bool], typer.Option(rich_help_panel=ABLATIONS,
         help="Combinatorial patches on the online branch. Default: on for fastmoco only; fastmoco --no-patches is "
              "MoCo v3's loss under Fast-MoCo's recipe (Table 4b's baseline).")] = None,
-    pipeline: Annotated[Pipeline, typer.Option(help="Where patches are combined (Table 4a).")] = Pipeline(
-        vr.PIPELINES[0]),
-    combine: Annotated[Combine, typer.Option(help="Combine operator (Sec. 5.5).")] = Combine.mean,
-    combine_lambda: Annotated[float, typer.Option(help="--combine weighted: weight of a subset's first patch.")] = 0.5,
-    beta_alpha: Annotated[float, typer.Option(help="--combine beta: weights ~ Beta(a, a) (Dirichlet for k>2).")] = 1.0,
-    combinations: Annotated[int, typer.Option(
+    pipeline: Annotated[Pipeline, typer.Option(
+        rich_help_panel=ABLATIONS, help="Where patches are combined (Table 4a).")] = Pipeline(vr.PIPELINES[0]),
+    combine: Annotated[Combine, typer.Option(
+        rich_help_panel=ABLATIONS, help="Combine operator (Sec. 5.5).")] = Combine.mean,
+    combine_lambda: Annotated[float, typer.Option(
+        rich_help_panel=ABLATIONS, help="--combine weighted: weight of a subset's first patch.")] = 0.5,
+    beta_alpha: Annotated[float, typer.Option(
+        rich_help_panel=ABLATIONS, help="--combine beta: weights ~ Beta(a, a) (Dirichlet for k>2).")] = 1.0,
+    combinations: Annotated[int, typer.Option(rich_help_panel=ABLATIONS,
         help="Use this many of the C(grid^2, k) combinations, each patch equally often (Sec. 5.4); 0 = all.")] = 0,
-    same_view: Annotated[bool, typer.Option(help="Positives from the same augmented view (Sec. 5.1).")] = False,
-    multi_crop: Annotated[int, typer.Option(help="Extra low-resolution crops per image (Table 4b: 1).")] = 0,
-    multi_crop_size: Annotated[int, typer.Option(help="Size of the multi-crop views (SwAV: 96 at 224).")] = 96,
+    same_view: Annotated[bool, typer.Option(
+        rich_help_panel=ABLATIONS, help="Positives from the same augmented view (Sec. 5.1).")] = False,
+    multi_crop: Annotated[int, typer.Option(
+        rich_help_panel=ABLATIONS, help="Extra low-resolution crops per image (Table 4b: 1).")] = 0,
+    multi_crop_size: Annotated[int, typer.Option(
+        rich_help_panel=ABLATIONS, help="Size of the multi-crop views (SwAV: 96 at 224).")] = 96,
     batch_size: Annotated[Optional[int], typer.Option(
         help="Global batch (all processes). Recipe: fastmoco/simsiam 512, mocov3/byol/nnclr 4096, v2/v1 256.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Recipe: 100, mocov2/v1 200.")] = None,
@@ -318,7 +312,7 @@ def main(
         help="MoCo v1/v2 on one process: normalise the batch in this many groups, with the key batch shuffled, "
              "MoCo's one-GPU stand-in for shuffle-BN (its CIFAR demo: 8). Default: 8 (fewer if the batch gives a "
              "group under 8 images) on one process; 1 with several (real shuffle-BN).")] = None,
-    official_init: Annotated[bool, typer.Option(
+    official_init: Annotated[bool, typer.Option(rich_help_panel=ABLATIONS,
         help="Fast-MoCo: the official code's init (EMA target drawn independently of the online encoder, head BN "
              "gammas ~ U(0, 1)) instead of MoCo v3's (target = a copy, gammas 1).")] = False,
     queue_size: Annotated[Optional[int], typer.Option(
@@ -368,7 +362,7 @@ def main(
              "separate with commas. Each reads its usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...).")] = None,
 ):
     """Pretrain a ResNet (or any timm backbone) with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
-    args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
+    args = saved_args(locals())
     # 1. every argument checked before any work: each value, then the recipe and the values together
     with user_errors():
         trackers = runs.check_stage(args, RANGES, ["tensorboard"] * tensorboard + (log_with or []))
@@ -383,7 +377,7 @@ def main(
     if small_stem is None:  # a torchvision ResNet's CIFAR stem; timm models keep their own
         small_stem = r.get("small_stem", image_size <= 64) and backbones.is_torchvision(arch)
     queued, queue_size, warm_queue = queue_settings(method.value, r, queue_size, warm_queue)
-    patches = method.value == "fastmoco" if patches is None else patches
+    patches = fm.TRAITS[method.value]["patches"] if patches is None else patches
     variant = vr.is_variant(method.value, patches, pipeline.value, combine.value, combinations, same_view, multi_crop)
     if official_init and method.value != "fastmoco":
         fail(f"--official-init is the official Fast-MoCo code's init: --method {method.value} has its own (drop it)")
@@ -427,7 +421,7 @@ def main(
     base_lr = r["lr"] * B / 256
     optimizer = fm.make_optimizer(model, r["optimizer"], base_lr, r["weight_decay"], r["fix_predictor_lr"])
     # (K, 128) negatives, or NNCLR's (K, 256) support set
-    queue = fm.make_queue(queue_size, 256 if method.value == "nnclr" else 128, acc.device) if queued else None
+    queue = fm.make_queue(queue_size, fm.TRAITS[method.value]["key_dim"], acc.device) if queued else None
 
     # 4. resume: model, target, optimizer, queue, loss scaler, data position, RNG
     ptr, step, skipped = runs.load_state(*point[1:], model, target, optimizer, queue) if point else (0, 0, 0)
@@ -457,14 +451,14 @@ def main(
     acc.init_trackers("pretrain", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
     meta = dict(format="fastmoco-pretrain-v1", method=method.value, arch=arch, arch_kwargs=r["arch_kwargs"],
                 small_stem=small_stem, world_size=world,
-                image_size=image_size, args=args, recipe=r, fastmoco_sha256=fm.source_hash(), total_steps=total)
+                image_size=image_size, args=args, recipe=r, fastmoco_sha256=ck.source_hash(), total_steps=total)
     log = runs.open_log(output_dir / "log.jsonl", step) if acc.is_main_process else None
     loss_fn = functools.partial(step_loss, method=method.value, variant=variant, tau=r["tau"], patches=patches,
                                 same_view=same_view, seed=seed, rank=acc.process_index)
     window = runs.Window(acc, step, point[2].get("train_seconds", 0.0) if point else 0.0)  # between two log rows
     with user_errors():  # no decodable image in a kNN split
-        knn = [runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size, window,
-                            knn_bank_size, seed, workers)] if knn_every and step == 0 else []
+        top1s = [knn.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size, window,
+                             knn_bank_size, seed, workers)] if knn_every and step == 0 else []
     bad = 0  # undecodable images replaced (map-style) or skipped (streaming), this process
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
@@ -498,8 +492,8 @@ def main(
             progress.update(task, completed=step)
             if knn_every and step % (knn_every * per_epoch) == 0:
                 with user_errors():
-                    knn.append(runs.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
-                                            image_size, window, knn_bank_size, seed, workers))
+                    top1s.append(knn.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
+                                             image_size, window, knn_bank_size, seed, workers))
             if save_every and step % save_every == 0 and step < stop:
                 save(acc, output_dir / f"ckpt-{step:07d}.safetensors", online, target, optimizer, queue, ptr, cursor,
                      at_step(meta, step, per_epoch, skipped, window), keep)
@@ -512,7 +506,7 @@ def main(
     acc.end_training()
     if log:
         log.close()
-    acc.print(closing_line(output_dir / "ckpt.safetensors", step, total, window.seconds(), knn))
+    acc.print(closing_line(output_dir / "ckpt.safetensors", step, total, window.seconds(), top1s))
 
 
 if __name__ == "__main__":

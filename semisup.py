@@ -12,7 +12,6 @@ Writes DIR/finetuned.safetensors (a torchvision ResNet state dict with fc), DIR/
 
 import json
 import os
-from enum import Enum
 from pathlib import Path
 from typing import Annotated, List, Optional
 
@@ -23,9 +22,11 @@ from accelerate import Accelerator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 import backbones
+import checkpoints as ck
 import fastmoco as fm
 import runs
-from data import IGNORE, labelled_loss, load_split, num_classes, probe_transforms, with_labels
+from cli import Precision, fail, labelled_splits, saved_args
+from data import IGNORE, labelled_loss, num_classes, probe_transforms, with_labels
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
@@ -34,43 +35,8 @@ app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
 MILESTONES, GAMMA = (0.6, 0.8), 0.2
 
 
-class Precision(str, Enum):
-    no = "no"
-    bf16 = "bf16"
-    fp16 = "fp16"
-
-
 RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr_head": (0,), "lr_backbone": (0,),
           "workers": (0,)}  # option: (low,) or (low, high); None (the default's) is not checked
-
-
-def fail(msg):
-    """A one-line, user-facing error: exits with status 1, no traceback (data.py raises ValueError instead)."""
-    raise SystemExit(f"error: {msg}")
-
-
-def labelled_splits(data: str, image_column: str):
-    """(train, val, val split name) of labelled local --data (map-style: a subset needs random access)."""
-    import datasets
-
-    datasets.disable_progress_bars()  # stderr stays clean for a one-line error; our rich bars show the work
-    try:  # data.py: a path that does not exist
-        train, _ = load_split(data, "train", False)
-        val, _, name = *load_split(data, "validation", False), "validation"
-        if val is None:
-            val, _, name = *load_split(data, "test", False), "test"
-    except ValueError as e:
-        fail(e)
-    if train is None or val is None:
-        fail(f"{data} needs a train split and a validation or test split (e.g. train-*.parquet and test-*.parquet)")
-    if isinstance(train, torch.utils.data.IterableDataset):
-        fail(f"{data} is streamed, but a labelled subset needs random access: download it and pass the local folder")
-    for split, ds in (("train", train), (name, val)):
-        missing = [c for c in (image_column, "label") if c not in (ds.column_names or [])]
-        if missing:
-            fail(f"the {split} split of {data} has no {' or '.join(missing)} column: this stage needs labelled "
-                 f"images (columns {image_column}, label); it has {', '.join(ds.column_names or [])}")
-    return train, val, name
 
 
 def balanced_subset(labels, fraction: float, seed: int) -> list:
@@ -174,7 +140,7 @@ def main(
              "config, each epoch's row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Fine-tune a pretrained backbone and a linear classifier on a labelled subset; writes DIR/results.json."""
-    args = {k: (str(v) if isinstance(v, Path) else v.value if isinstance(v, Enum) else v) for k, v in locals().items()}
+    args = saved_args(locals())
     # 1. checks before any work: each value, the checkpoint, the data, the subset
     try:
         trackers = runs.check_stage(args, RANGES, log_with)
@@ -195,7 +161,9 @@ def main(
     workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
-    train, val, val_name = labelled_splits(data, image_column)
+    train, _, val, _, val_name = labelled_splits(data, image_column)
+    if isinstance(train, torch.utils.data.IterableDataset):
+        fail(f"{data} is streamed, but a labelled subset needs random access: download it and pass the local folder")
     try:
         classes = num_classes(train)
     except ValueError as e:
@@ -208,7 +176,7 @@ def main(
     if len(rows) < B:
         fail(f"the labelled subset has {len(rows)} images, fewer than one batch of {B}: lower --batch-size")
 
-    # 2. model: the pretrained backbone plus a new classifier (torchvision's fc, timm's head), both trained, BN in train mode
+    # 2. model: the pretrained backbone plus a new classifier (torchvision's fc, timm's head), both trained, BN train
     torch.manual_seed(seed)
     fc = backbones.attach_classifier(net, meta["arch"], classes)  # torchvision's fc, timm's own classifier
     nn.init.normal_(fc.weight, std=0.01)
@@ -264,10 +232,10 @@ def main(
                    checkpoint=str(ckpt), method=meta.get("method"))
     if acc.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
-        fm.save_checkpoint(output_dir / "finetuned.safetensors", acc.unwrap_model(model).state_dict(),
-                           dict(format="fastmoco-semisup-v1", arch=meta["arch"], arch_kwargs=meta.get("arch_kwargs") or {},
-                                small_stem=meta["small_stem"],
-                                image_size=image_size, args=args, results=results, subset=rows))
+        ck.save_checkpoint(output_dir / "finetuned.safetensors", acc.unwrap_model(model).state_dict(),
+                           dict(format="fastmoco-semisup-v1", arch=meta["arch"], small_stem=meta["small_stem"],
+                                arch_kwargs=meta.get("arch_kwargs") or {}, image_size=image_size, args=args,
+                                results=results, subset=rows))
         runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         log.commit()
     # the trackers get the numbers of the results (not flags: those are in the config)

@@ -252,7 +252,7 @@ def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patc
         (z1, p1), (z2, p2), *rest = model(x1, x2, *small)  # rows (R*N, d)
     N = x1.shape[0]
     with torch.no_grad():
-        if method in ("simsiam", "nnclr") and not patches:
+        if not fm.TRAITS[method]["ema"] and not patches:
             t = [z1.detach().float(), z2.detach().float()]  # SimSiam / NNCLR: stop-grad on the same forward
         else:
             # EMA target (fastmoco, mocov3, byol). SimSiam / NNCLR have none (target = a copy with m = 0): with
@@ -275,8 +275,7 @@ def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patc
         keys = fm.gather(F.normalize(t[0], dim=1))  # NNCLR: the support set holds view-1 embeddings
     else:
         raise ValueError(f"unknown method {method!r}")
-    scale = 2.0 if method in ("mocov3", "byol") else 1.0
-    return scale * sum(losses) / len(losses), keys
+    return fm.TRAITS[method]["loss_scale"] * sum(losses) / len(losses), keys
 
 
 # ----------------------------------------------------------------------------- which runs are variants, and checks
@@ -284,16 +283,16 @@ def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patc
 def is_variant(method, patches, pipeline, combine, combinations, same_view, multi_crop) -> bool:
     """Does the run need Encoder and step_loss, or is it one of the four core methods exactly as fastmoco.py
     defines them? Any option this module adds, or patches on (off) for another method than fastmoco."""
-    return (method in METHODS or patches != (method == "fastmoco") or pipeline != PIPELINES[0] or combine != "mean"
-            or bool(combinations or same_view or multi_crop))
+    return (method in METHODS or patches != fm.TRAITS[method]["patches"] or pipeline != PIPELINES[0]
+            or combine != "mean" or bool(combinations or same_view or multi_crop))
 
 
 def check(method, patches, grid, k, pipeline, combine, lam, combinations, same_view, multi_crop,
           momentum):
     """A one-line message for an option combination that cannot run, or None."""
-    if method in ("mocov1", "mocov2"):
+    if fm.TRAITS[method]["shuffle_bn"]:  # the queue path has no variants
         return f"--method {method} has no variants: use fastmoco, mocov3, byol, simsiam or nnclr"
-    if method in ("simsiam", "nnclr") and momentum is not None:
+    if not fm.TRAITS[method]["ema"] and momentum is not None:
         return f"--method {method} has no momentum encoder: drop --momentum"
     if not patches and (pipeline != PIPELINES[0] or combine != "mean" or combinations):
         return "--pipeline, --combine and --combinations change the patches: add --patches"

@@ -35,7 +35,7 @@ import typer
 if not __package__:  # run as a file (python bench/NAME.py), not with -m: the project's modules are one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fastmoco as fm
+import checkpoints as ck
 from bench.common import interleaved, markdown, setup
 from bench.gpu import loader_rows
 
@@ -80,8 +80,8 @@ def last_loss(run: Path) -> float:
 
 def distance(a: Path, b: Path) -> float:
     """Largest relative L2 difference over the float tensors (weights, target, optimizer, queue) of two checkpoints."""
-    ta, _ = fm.load_checkpoint(a / "ckpt.safetensors")
-    tb, _ = fm.load_checkpoint(b / "ckpt.safetensors")
+    ta, _ = ck.load_checkpoint(a / "ckpt.safetensors")
+    tb, _ = ck.load_checkpoint(b / "ckpt.safetensors")
     return max(((ta[k].double() - tb[k].double()).norm() / (ta[k].double().norm() + 1e-12)).item()
                for k in ta if ta[k].is_floating_point() and not k.startswith("rng."))
 

@@ -25,7 +25,9 @@ import typer
 if not __package__:  # run as a file (python bench/NAME.py), not with -m: the project's modules are one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoints as ck
 import fastmoco as fm
+import knn
 from data import clean_transform
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,7 +74,8 @@ def knn_top1(backbone, bank, queries, precision: str, batch=500) -> float:
                               for b in x.split(batch)])
 
     (xb, yb), (xq, yq) = bank, queries
-    pred = fm.knn_predict(feats(xq), feats(xb), yb, int(yb.max()) + 1)
+    pred = knn.knn_predict(knn.normalized(feats(xq), torch.float32), knn.normalized(feats(xb), torch.float32), yb,
+                           int(yb.max()) + 1)
     return 100.0 * (pred == yq).float().mean().item()
 
 
@@ -97,7 +100,7 @@ def initial_backbone(seed: int, bank, precision: str, batch=500):
 def backbone_from(ckpt: Path):
     """The online ResNet-18 (small stem) of a pretrain.py checkpoint, loaded strictly."""
     net = fm.resnet("resnet18", small_stem=True)
-    net.load_state_dict(fm.prefixed(fm.load_checkpoint(ckpt)[0], "backbone."))
+    net.load_state_dict(ck.prefixed(ck.load_checkpoint(ckpt)[0], "backbone."))
     return net
 
 

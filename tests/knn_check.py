@@ -1,5 +1,5 @@
 """Run by tests/test_knn.py under `accelerate launch` with 2 CPU processes (gloo), on streamed parquet of 3 train
-shards: the kNN monitor (runs.knn_top1, uneven shares gathered) and the streamed linear probe (linear_probe.main),
+shards: the kNN monitor (knn.knn_top1, uneven shares gathered) and the streamed linear probe (linear_probe.main),
 each process recording a fingerprint of every image it decodes. Writes OUT/rank{r}.json; the test checks them.
 
     python tests/knn_check.py DATA OUT
@@ -16,6 +16,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 import fastmoco as fm
+import knn
 import linear_probe
 import runs
 
@@ -47,7 +48,7 @@ splits = [datasets.load_dataset("parquet", data_dir=data, split=s, streaming=Tru
 result = dict(rank=rank, knn=[], knn_decoded=[])
 for bank_size in (0, 20):
     decoded.clear()
-    result["knn"].append(runs.knn_top1(backbone, *splits, "image", 32, acc, bank_size))
+    result["knn"].append(knn.knn_top1(backbone, *splits, "image", 32, acc, bank_size))
     result["knn_decoded"].append(list(decoded))
 
 decoded.clear()  # the streamed probe: its train transform counts the augmented decodes

@@ -14,6 +14,7 @@ import timm
 import torch
 
 import backbones
+import checkpoints as ck
 import fastmoco as fm
 import pretrain
 
@@ -123,10 +124,10 @@ def test_timm_backbone_pretrains_probes_finetunes_and_loads_into_timm(parquet, t
         *(["--arch-kwargs", kw] if kw else []), "--image-size", "32", "--batch-size", "8", "--max-steps", "2",
         "--workers", "0", "--no-tensorboard", "--knn-every", "1", "--output-dir", out,
         *(["--queue-size", "16"] if method == "mocov2" else []))
-    tensors, meta = fm.load_checkpoint(out / "ckpt.safetensors")
+    tensors, meta = ck.load_checkpoint(out / "ckpt.safetensors")
     assert meta["arch"] == arch and meta["arch_kwargs"] == kwargs and meta["small_stem"] is False
     net = timm.create_model(arch, num_classes=0, **kwargs)
-    net.load_state_dict(fm.prefixed(tensors, "backbone."), strict=True)
+    net.load_state_dict(ck.prefixed(tensors, "backbone."), strict=True)
     if method != "mocov2":  # MoCo v3's ViT: the frozen parts did not move in two AdamW steps
         fresh = backbones.mocov3_vit(timm.create_model(arch, num_classes=0, **kwargs))
         assert torch.equal(tensors["backbone.pos_embed"], fresh.pos_embed.detach())
@@ -135,7 +136,7 @@ def test_timm_backbone_pretrains_probes_finetunes_and_loads_into_timm(parquet, t
     assert json.loads((tmp_path / "lin" / "results.json").read_text())["arch"] == arch
     run("semisup.py", out / "ckpt.safetensors", "--data", parquet, "--epochs", "1", "--batch-size", "8",
         "--fraction", "0.5", "--workers", "0", "--output-dir", tmp_path / "semi")
-    ft, ft_meta = fm.load_checkpoint(tmp_path / "semi" / "finetuned.safetensors")
+    ft, ft_meta = ck.load_checkpoint(tmp_path / "semi" / "finetuned.safetensors")
     timm.create_model(arch, num_classes=10, **ft_meta["arch_kwargs"]).load_state_dict(ft, strict=True)
     run("transfer/export_timm.py", out / "ckpt.safetensors", tmp_path / "hub")
     hub = timm.create_model(f"local-dir:{tmp_path / 'hub'}", pretrained=True).eval()

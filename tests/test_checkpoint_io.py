@@ -22,6 +22,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+import checkpoints as ck
 import fastmoco as fm
 import runs
 import transfer.convert as convert
@@ -168,7 +169,7 @@ def test_import_each_layout(tmp_path, layout, arch, capsys):
     m, online, heads, target, opt = official_file(src, layout, arch)
     call(iw, src, out, steps_per_epoch=None)
     assert f"wrote {out}" in capsys.readouterr().out
-    tensors, meta = fm.load_checkpoint(out)
+    tensors, meta = ck.load_checkpoint(out)
     method = layout
     assert (meta["format"], meta["method"], meta["arch"], meta["small_stem"]) == ("fastmoco-pretrain-v1", method,
                                                                                     arch, False)
@@ -176,27 +177,27 @@ def test_import_each_layout(tmp_path, layout, arch, capsys):
 
     # the backbone: strictly into torchvision (only fc missing), and as linear_probe.py / semisup.py load it
     tv = getattr(torchvision.models, arch)()
-    missing, unexpected = tv.load_state_dict(fm.prefixed(tensors, "backbone."), strict=False)
+    missing, unexpected = tv.load_state_dict(ck.prefixed(tensors, "backbone."), strict=False)
     assert unexpected == [] and sorted(missing) == ["fc.bias", "fc.weight"]
-    backbone, _ = fm.load_backbone(out)
+    backbone, _ = ck.load_backbone(out)
     x = torch.randn(2, 3, 64, 64)
     src_backbone = m.backbone if layout == "fastmoco" else pooled(online)
     torch.testing.assert_close(features(backbone, x), features(src_backbone, x), rtol=0, atol=0)
     if layout == "fastmoco":  # the torchvision module the Sequential was cut from: the same names, key by key
         ref = {k: v for k, v in online.state_dict().items() if not k.startswith("fc.")}
-        assert all(torch.equal(ref[k], v) for k, v in fm.prefixed(tensors, "backbone.").items()) and \
-            ref.keys() == fm.prefixed(tensors, "backbone.").keys()
+        assert all(torch.equal(ref[k], v) for k, v in ck.prefixed(tensors, "backbone.").items()) and \
+            ref.keys() == ck.prefixed(tensors, "backbone.").keys()
 
     # heads and the target encoder compute what the official modules compute
     projector, predictor = fm.heads(method, backbone.dim)
     ours = {"projector": projector, "predictor": predictor}
     for name, module in heads:
-        ours[name].load_state_dict(fm.prefixed(tensors, f"{name}."))
+        ours[name].load_state_dict(ck.prefixed(tensors, f"{name}."))
         h = torch.randn(4, next(x for x in module.modules() if isinstance(x, nn.Linear)).in_features)
         torch.testing.assert_close(features(ours[name], h), features(module, h), rtol=0, atol=0)
     tgt = nn.Sequential(fm.resnet(arch), fm.heads(method, backbone.dim)[0])
     tgt.load_state_dict({k.replace("backbone.", "0.", 1).replace("projector.", "1.", 1): v
-                         for k, v in fm.prefixed(tensors, "target.").items()})
+                         for k, v in ck.prefixed(tensors, "target.").items()})
     torch.testing.assert_close(features(tgt, x), features(target, x), rtol=0, atol=0)
 
     # resume state: runs.load_state (what pretrain.py --resume calls) into the model and optimizer pretrain.py builds;
@@ -238,9 +239,9 @@ def test_resume_continues_from_imported_files(labelled, tmp_path):
     for layout, p in procs.items():
         out, err = p.communicate(timeout=900)
         assert p.returncode == 0, f"{layout}:\n{out[-2000:]}\n{err[-3000:]}"
-        tensors, meta = fm.load_checkpoint(tmp_path / layout / "ckpt.safetensors")
+        tensors, meta = ck.load_checkpoint(tmp_path / layout / "ckpt.safetensors")
         assert meta["step"] == 4 and meta["method"] == layout
-        before, _ = fm.load_checkpoint(tmp_path / f"{layout}.safetensors")
+        before, _ = ck.load_checkpoint(tmp_path / f"{layout}.safetensors")
         assert not torch.equal(tensors["backbone.conv1.weight"], before["backbone.conv1.weight"])  # it trained
 
 
@@ -358,7 +359,7 @@ def test_unsupported_and_broken_files(tmp_path, capsys):
     call(iw, tmp_path / "v3.pth.tar", tmp_path / "v3.safetensors", steps_per_epoch=None)
     note = capsys.readouterr().out
     assert "predictor.4" in note and "backbone only" in note
-    assert fm.load_checkpoint(tmp_path / "v3.safetensors")[1]["format"] == "fastmoco-backbone-v1"
+    assert ck.load_checkpoint(tmp_path / "v3.safetensors")[1]["format"] == "fastmoco-backbone-v1"
     # tensors no layout explains
     m, *_ = official("fastmoco", "resnet18")
     torch.save({"model": {f"module.{k}": v for k, v in {**m.state_dict(), "extra.weight": torch.zeros(1)}.items()}},
@@ -386,7 +387,7 @@ def test_partial_files_import_their_backbone(tmp_path, capsys):
     call(iw, tmp_path / "linear-100ep.pth.tar", out, steps_per_epoch=None)
     note = capsys.readouterr().out
     assert "linear-evaluation or supervised file" in note and "1000-class" in note and "--resume" in note
-    backbone, meta = fm.load_backbone(out)
+    backbone, meta = ck.load_backbone(out)
     x = torch.randn(2, 3, 64, 64)
     torch.testing.assert_close(features(backbone, x), features(pooled(tv), x), rtol=0, atol=0)
     assert meta["format"] == "fastmoco-backbone-v1" and meta["arch"] == "resnet18"
@@ -402,7 +403,7 @@ def test_partial_files_import_their_backbone(tmp_path, capsys):
     call(iw, tmp_path / "no-target.pth.tar", out, steps_per_epoch=None)
     note = capsys.readouterr().out
     assert "a mocov1 file without target." in note and "backbone only" in note
-    backbone, meta = fm.load_backbone(out)
+    backbone, meta = ck.load_backbone(out)
     torch.testing.assert_close(features(backbone, x), features(pooled(online), x), rtol=0, atol=0)
     assert meta["method"] == "mocov1"
     # the official MoCo v2 code on a ResNet-18 builds a 512-wide MLP; fastmoco.heads("mocov2") is 2048 wide
@@ -412,7 +413,7 @@ def test_partial_files_import_their_backbone(tmp_path, capsys):
     call(iw, tmp_path / "v2.pth", out, steps_per_epoch=None)
     note = capsys.readouterr().out
     assert "encoder_q.fc.0.weight" in note and "(512, 512)" in note and "backbone only" in note
-    torch.testing.assert_close(features(fm.load_backbone(out)[0], x), features(pooled(online), x), rtol=0, atol=0)
+    torch.testing.assert_close(features(ck.load_backbone(out)[0], x), features(pooled(online), x), rtol=0, atol=0)
 
 
 # ----------------------------------------------------------------------------- export
@@ -421,7 +422,7 @@ def own_checkpoint(path, arch, small_stem=False):
     """A pretrain.py-style checkpoint (backbone and metadata) of a randomly initialised backbone."""
     net = fm.resnet(arch, small_stem)
     randomise_bn(net)
-    fm.save_checkpoint(path, {f"backbone.{k}": v for k, v in net.state_dict().items()},
+    ck.save_checkpoint(path, {f"backbone.{k}": v for k, v in net.state_dict().items()},
                        dict(format="fastmoco-pretrain-v1", method="fastmoco", arch=arch, small_stem=small_stem,
                             image_size=224, args=dict(data="ILSVRC/imagenet-1k", method="fastmoco", arch=arch),
                             recipe=dict(lr=0.05, batch_size=512), step=250200, epoch=100.0))
@@ -538,7 +539,7 @@ def test_outputs_are_as_readable_as_the_umask_says(tmp_path, umask, file_mode, f
     mode = lambda p: stat.S_IMODE(p.stat().st_mode)  # noqa: E731
     old = os.umask(umask)
     try:
-        own_checkpoint(tmp_path / "ckpt.safetensors", "resnet18")  # fm.save_checkpoint
+        own_checkpoint(tmp_path / "ckpt.safetensors", "resnet18")  # ck.save_checkpoint
         own_checkpoint(tmp_path / "ckpt.safetensors", "resnet18")  # again: replacing an earlier checkpoint
         for _ in range(2):  # a new export, then one replacing it
             call(export, tmp_path / "ckpt.safetensors", tmp_path / "hub", results=None, license=None,

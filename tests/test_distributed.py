@@ -49,9 +49,9 @@ def test_pretrain_on_two_processes(tmp_path, method, port):
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
-    import fastmoco as fm
+    import checkpoints as ck
 
-    _, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    _, meta = ck.load_checkpoint(tmp_path / "ckpt.safetensors")
     assert meta["world_size"] == 2 and meta["step"] == 4
     rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3, 4]  # one log line per step: only rank 0 writes

@@ -18,11 +18,12 @@ import torchvision
 from PIL import Image
 from safetensors.torch import save_file
 
+import checkpoints as ck
 import fastmoco as fm
-from data import clean_transform
 import linear_probe
 import semisup
 from conftest import METHODS, ROOT, call, stage
+from data import clean_transform
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255), (255, 0, 255), (128, 128, 128),
            (255, 128, 0)]
@@ -61,8 +62,8 @@ def test_each_method_through_linear_probe_and_semisup(labelled, pretrained, tmp_
     assert all(0 <= r[k] <= 100 for k in ("top1", "top5", "best_top1", "knn_top1")) and r["top5"] >= r["top1"]
     # backbone + the probe's fc load strictly into a torchvision ResNet-18 and reproduce the reported accuracy
     net = torchvision.models.resnet18(num_classes=10)
-    fc, _ = fm.load_checkpoint(tmp_path / "lin/linear.safetensors")
-    net.load_state_dict({**fm.prefixed(fm.load_checkpoint(ckpt)[0], "backbone."), **fc})
+    fc, _ = ck.load_checkpoint(tmp_path / "lin/linear.safetensors")
+    net.load_state_dict({**ck.prefixed(ck.load_checkpoint(ckpt)[0], "backbone."), **fc})
     test = datasets.load_dataset("parquet", data_dir=str(labelled), split="test")
     x = torch.stack([clean_transform(32)(im.convert("RGB")) for im in test["image"]])
     with torch.no_grad():
@@ -73,9 +74,9 @@ def test_each_method_through_linear_probe_and_semisup(labelled, pretrained, tmp_
          output_dir=tmp_path / "semi")
     r = json.loads((tmp_path / "semi/results.json").read_text())  # demo labels i % 10: 1 of every class
     assert r["labelled_images"] == 10 and r["val_images"] == 20 and 0 <= r["top1"] <= r["top5"] <= 100
-    tensors, meta = fm.load_checkpoint(tmp_path / "semi/finetuned.safetensors")
+    tensors, meta = ck.load_checkpoint(tmp_path / "semi/finetuned.safetensors")
     torchvision.models.resnet18(num_classes=10).load_state_dict(tensors)  # strict: a whole torchvision model
-    assert not torch.equal(tensors["conv1.weight"], fm.load_checkpoint(ckpt)[0]["backbone.conv1.weight"])  # fine-tuned
+    assert not torch.equal(tensors["conv1.weight"], ck.load_checkpoint(ckpt)[0]["backbone.conv1.weight"])  # fine-tuned
 
 
 @pytest.mark.slow
@@ -176,7 +177,7 @@ def test_semisup_honours_a_subset_file(labelled, pretrained, tmp_path):
     stage("semisup.py", pretrained["mocov3"], "--data", labelled, "--subset-file", tmp_path / "subset.txt",
           "--batch-size", 4, "--epochs", 1, "--workers", 0, "--output-dir", tmp_path)
     r = json.loads((tmp_path / "results.json").read_text())
-    _, meta = fm.load_checkpoint(tmp_path / "finetuned.safetensors")
+    _, meta = ck.load_checkpoint(tmp_path / "finetuned.safetensors")
     assert meta["subset"] == [0, 5, 11, 17, 23, 29, 35, 41] and r["labelled_images"] == 8
     assert r["lr_backbone"] == 1e-6  # 8/48 labelled: the 10% recipe's backbone lr
 
@@ -251,8 +252,8 @@ def test_two_processes_equal_one(labelled, pretrained, tmp_path):
     assert one["world_size"] == 1 and two["world_size"] == 2 and two["val_images"] == 20
     for k in ("top1", "top5", "best_top1", "knn_top1"):
         assert two[k] == pytest.approx(one[k], abs=1e-4), k
-    a, _ = fm.load_checkpoint(tmp_path / "one/linear.safetensors")
-    b, _ = fm.load_checkpoint(tmp_path / "two/linear.safetensors")
+    a, _ = ck.load_checkpoint(tmp_path / "one/linear.safetensors")
+    b, _ = ck.load_checkpoint(tmp_path / "two/linear.safetensors")
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 

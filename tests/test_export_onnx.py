@@ -19,6 +19,7 @@ import torch.nn as nn  # noqa: E402
 import torchvision  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
+import checkpoints as ck
 import fastmoco as fm  # noqa: E402
 import transfer.export_onnx as export  # noqa: E402
 from conftest import ROOT, call, stage  # noqa: E402
@@ -43,9 +44,9 @@ def pretrain_checkpoint(path, arch="resnet18", small_stem=False, image_size=64, 
     target = fm.target_encoder(online, independent=True)  # other weights: exporting the target would show
     randomise_bn(online.backbone)
     tensors = dict(online.state_dict()) | {f"target.{k}": v for k, v in target.state_dict().items()}
-    fm.save_checkpoint(path, tensors, dict(format="fastmoco-pretrain-v1", method=method, arch=arch,
+    ck.save_checkpoint(path, tensors, dict(format="fastmoco-pretrain-v1", method=method, arch=arch,
                                            small_stem=small_stem, image_size=image_size, args=dict(method=method)))
-    return fm.prefixed(tensors, "backbone.")
+    return ck.prefixed(tensors, "backbone.")
 
 
 def torchvision_backbone(arch, state, small_stem=False):
@@ -103,7 +104,7 @@ def test_pretrain_checkpoint(tmp_path, capsys, small_stem, image_size, expected_
 
     net = torchvision_backbone("resnet18", state, small_stem)
     assert_same(out, net, expected_size)
-    target = torchvision_backbone("resnet18", fm.prefixed(fm.load_checkpoint(tmp_path / "ckpt.safetensors")[0],
+    target = torchvision_backbone("resnet18", ck.prefixed(ck.load_checkpoint(tmp_path / "ckpt.safetensors")[0],
                                                           "target.backbone."), small_stem)
     got, ref = next(run_both(out, target, expected_size))  # the comparison can tell the target apart
     assert not torch.allclose(got, ref, atol=1e-3)
@@ -200,9 +201,9 @@ def test_command_lines_on_a_pretrain_run(pretrained, tmp_path):
                         "f.onnx"], capture_output=True, text=True, cwd=tmp_path, timeout=600,
                        env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert f.returncode == 0 and "max abs diff" in f.stdout, f.stderr[-3000:]
-    tensors, meta = fm.load_checkpoint(pretrained["fastmoco"])
+    tensors, meta = ck.load_checkpoint(pretrained["fastmoco"])
     assert meta["image_size"] == 32
-    net = torchvision_backbone("resnet18", fm.prefixed(tensors, "backbone."))
+    net = torchvision_backbone("resnet18", ck.prefixed(tensors, "backbone."))
     assert_same(tmp_path / "f.onnx", net, 32)
 
 
@@ -218,11 +219,11 @@ def test_timm_backbone(tmp_path, arch, kwargs):
     if arch.startswith("vit"):
         backbones.mocov3_vit(net)
     online = fm.OnlineEncoder("mocov3", backbone=net, vit=arch.startswith("vit"))
-    fm.save_checkpoint(tmp_path / "ckpt.safetensors", dict(online.state_dict()),
+    ck.save_checkpoint(tmp_path / "ckpt.safetensors", dict(online.state_dict()),
                        dict(format="fastmoco-pretrain-v1", method="mocov3", arch=arch, arch_kwargs=kwargs,
                             small_stem=False, image_size=32))
     call(export, tmp_path / "ckpt.safetensors", tmp_path / "m.onnx", arch=None, image_size=None)
     assert shapes(onnx.load(str(tmp_path / "m.onnx")))["features"] == ["batch", net.dim]
     ref = timm.create_model(arch, num_classes=0, **kwargs)
-    ref.load_state_dict(fm.prefixed(fm.load_checkpoint(tmp_path / "ckpt.safetensors")[0], "backbone."), strict=True)
+    ref.load_state_dict(ck.prefixed(ck.load_checkpoint(tmp_path / "ckpt.safetensors")[0], "backbone."), strict=True)
     assert_same(tmp_path / "m.onnx", ref.eval(), 32)

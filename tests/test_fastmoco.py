@@ -10,6 +10,7 @@ import itertools
 import math
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints as ck
 import fastmoco as fm  # noqa: E402
 
 
@@ -317,6 +319,19 @@ def test_module_docstring_example_runs(method):
     # warmup starts at lr 0 (MoCo v3)
     moved = [not torch.equal(a, b) for a, b in zip(ns["model"].parameters(), ns["target"].parameters())]
     assert any(moved) == (ns["optimizer"].param_groups[0]["lr"] > 0)
+
+
+def test_fastmoco_py_alone_runs_its_docstring_example(tmp_path):
+    """Copy-pasteable, checked: fastmoco.py copied alone into an empty folder runs its docstring example in a fresh
+    interpreter whose path holds nothing of this project (a stray project import would fail here)."""
+    shutil.copy(ROOT / "fastmoco.py", tmp_path / "fastmoco.py")
+    code = textwrap.dedent(fm.__doc__.split("in seconds:\n\n")[1].split("\n\nWith several")[0])
+    check = "import importlib.util as u\nassert not any(u.find_spec(m) for m in ('data', 'runs', 'pretrain'))\n"
+    (tmp_path / "example.py").write_text(check + code + "\nprint('loss', float(loss))\n")
+    p = subprocess.run([sys.executable, "-E", "-s", "example.py"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)  # -E -s: no PYTHONPATH, no user site; the script's folder comes first
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert math.isfinite(float(p.stdout.split("loss")[-1]))
 
 
 @pytest.mark.parametrize("K,n", [(8, 2), (10, 3), (7, 7), (5, 4)])
@@ -813,45 +828,6 @@ def test_loss_decreases_on_fixed_batch(method):
     assert min(losses[-3:]) < losses[0] - 0.05 * abs(losses[0]), losses
 
 
-# ----------------------------------------------------------------------------- kNN
-
-def test_knn_weighted_vote_by_hand():
-    """Query e1. Bank: one class-1 entry at cos 1.0, three class-0 entries at cos 0.8, one class-2 entry at cos -1.
-    t=0.1: class 1 scores e^10 = 22026 > class 0 3*e^8 = 8943 -> 1, although class 0 is the majority.
-    t=1:   class 1 scores e^1 = 2.72  < class 0 3*e^0.8 = 6.68 -> 0."""
-    bank = torch.tensor([[5.0, 0.0], [0.8, 0.6], [1.6, -1.2], [0.4, 0.3], [-2.0, 0.0]])  # norms differ on purpose
-    labels = torch.tensor([1, 0, 0, 0, 2])
-    q = torch.tensor([[2.0, 0.0]])
-    assert math.exp(1 / 0.1) > 3 * math.exp(0.8 / 0.1) and math.exp(1 / 1.0) < 3 * math.exp(0.8 / 1.0)
-    assert fm.knn_predict(q, bank, labels, classes=3, k=4, t=0.1).tolist() == [1]
-    assert fm.knn_predict(q, bank, labels, classes=3, k=4, t=1.0).tolist() == [0]
-    # k larger than the bank: every entry votes; the far class-2 entry adds only e^{-1/t}
-    assert fm.knn_predict(q, bank, labels, classes=3, k=200, t=0.1).tolist() == [1]
-    assert fm.knn_predict(q, bank, labels, classes=3, k=200, t=1.0).tolist() == [0]
-    # k = 1: nearest neighbour only
-    assert fm.knn_predict(q, bank, labels, classes=3, k=1, t=1.0).tolist() == [1]
-    # query -e1: the class-2 entry is the only close one
-    q2 = torch.tensor([[-1.0, 0.0], [2.0, 0.0]])
-    assert fm.knn_predict(q2, bank, labels, classes=4, k=1, t=0.1).tolist() == [2, 1]
-
-
-def test_knn_matches_slow_vote():
-    """Random bank: the prediction equals an explicit loop (sort by cosine, sum exp(sim/t) per class, argmax)."""
-    torch.manual_seed(0)
-    B, M, D, classes, k, t = 6, 30, 8, 4, 7, 0.1
-    feats, bank = torch.randn(B, D), torch.randn(M, D)
-    labels = torch.randint(0, classes, (M,))
-    got = fm.knn_predict(feats, bank, labels, classes, k=k, t=t).tolist()
-    bank_u = [_unit(b) for b in bank]
-    for b in range(B):
-        f = _unit(feats[b])
-        sims = sorted(((_dot(f, bank_u[j]), j) for j in range(M)), reverse=True)[:k]
-        scores = [0.0] * classes
-        for s, j in sims:
-            scores[int(labels[j])] += math.exp(s / t)
-        assert got[b] == max(range(classes), key=lambda c: scores[c]), b
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
 def test_checkpoint_round_trip(tmp_path):
@@ -867,18 +843,18 @@ def test_checkpoint_round_trip(tmp_path):
     meta = {"step": 123, "epoch": 4, "method": "fastmoco", "args": {"lr": 0.1, "nested": {"grid": 2, "ok": True}},
             "list": [1, "two", 3.5, None]}
     path = tmp_path / "ckpt.safetensors"
-    fm.save_checkpoint(path, tensors, meta)
+    ck.save_checkpoint(path, tensors, meta)
     assert sorted(os.listdir(tmp_path)) == ["ckpt.safetensors"]  # no .tmp left behind
-    got, got_meta = fm.load_checkpoint(path)
+    got, got_meta = ck.load_checkpoint(path)
     assert set(got) == set(tensors)
     for k, v in tensors.items():
         assert got[k].dtype == v.dtype and torch.equal(got[k], v.detach()), k
     assert got_meta == meta
     assert isinstance(got_meta["step"], int) and isinstance(got_meta["args"]["nested"]["grid"], int)
     # overwriting an existing checkpoint works and is atomic (still one file)
-    fm.save_checkpoint(str(path), {"x": torch.ones(1)}, {"step": 124})
+    ck.save_checkpoint(str(path), {"x": torch.ones(1)}, {"step": 124})
     assert sorted(os.listdir(tmp_path)) == ["ckpt.safetensors"]
-    assert fm.load_checkpoint(str(path))[1] == {"step": 124}
+    assert ck.load_checkpoint(str(path))[1] == {"step": 124}
 
 
 def test_load_checkpoint_rejects_non_safetensors(tmp_path):
@@ -895,7 +871,7 @@ def test_load_checkpoint_rejects_non_safetensors(tmp_path):
     (tmp_path / "evil.pkl").write_bytes(pickle.dumps(Boom()))
     for name in list(files) + ["model.pt", "evil.pkl"]:
         with pytest.raises(ValueError) as e:
-            fm.load_checkpoint(tmp_path / name)
+            ck.load_checkpoint(tmp_path / name)
         assert name in str(e.value), name
     assert not (tmp_path / "PWNED").exists()
 
@@ -904,7 +880,7 @@ def test_load_checkpoint_plain_save_file(tmp_path):
     """A file from safetensors.torch.save_file without metadata loads, with empty metadata."""
     from safetensors.torch import save_file
     save_file({"w": torch.arange(3.0)}, str(tmp_path / "plain.safetensors"))
-    tensors, meta = fm.load_checkpoint(tmp_path / "plain.safetensors")
+    tensors, meta = ck.load_checkpoint(tmp_path / "plain.safetensors")
     assert meta == {} and torch.equal(tensors["w"], torch.arange(3.0))
 
 
@@ -915,22 +891,22 @@ def test_load_checkpoint_non_json_metadata(tmp_path):
     Expected: tensors load; a value that is not JSON is kept as the raw string."""
     from safetensors.torch import save_file
     save_file({"w": torch.ones(2)}, str(tmp_path / "hf.safetensors"), metadata={"format": "pt"})
-    tensors, meta = fm.load_checkpoint(tmp_path / "hf.safetensors")
+    tensors, meta = ck.load_checkpoint(tmp_path / "hf.safetensors")
     assert torch.equal(tensors["w"], torch.ones(2))
     assert meta == {"format": "pt"}
 
 
 def test_load_checkpoint_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError):
-        fm.load_checkpoint(tmp_path / "nope.safetensors")
+        ck.load_checkpoint(tmp_path / "nope.safetensors")
 
 
 def test_prefixed():
     a, b, c = torch.ones(1), torch.zeros(1), torch.full((1,), 2.0)
     t = {"backbone.conv1.weight": a, "target.backbone.conv1.weight": b, "projector.0.weight": c}
-    assert fm.prefixed(t, "backbone.") == {"conv1.weight": a}
-    assert fm.prefixed(t, "target.backbone.") == {"conv1.weight": b}
-    assert fm.prefixed(t, "nothing.") == {}
+    assert ck.prefixed(t, "backbone.") == {"conv1.weight": a}
+    assert ck.prefixed(t, "target.backbone.") == {"conv1.weight": b}
+    assert ck.prefixed(t, "nothing.") == {}
 
 
 def test_checkpoint_backbone_loads_into_torchvision(tmp_path):
@@ -938,10 +914,10 @@ def test_checkpoint_backbone_loads_into_torchvision(tmp_path):
     torch.manual_seed(0)
     net = fm.resnet("resnet18")
     path = tmp_path / "c.safetensors"
-    fm.save_checkpoint(path, {f"backbone.{k}": v for k, v in net.state_dict().items()}, {})
-    tensors, _ = fm.load_checkpoint(path)
+    ck.save_checkpoint(path, {f"backbone.{k}": v for k, v in net.state_dict().items()}, {})
+    tensors, _ = ck.load_checkpoint(path)
     ref = torchvision.models.resnet18()
-    res = ref.load_state_dict(fm.prefixed(tensors, "backbone."), strict=False)
+    res = ref.load_state_dict(ck.prefixed(tensors, "backbone."), strict=False)
     assert sorted(res.missing_keys) == ["fc.bias", "fc.weight"] and not res.unexpected_keys
     assert torch.equal(ref.conv1.weight, net.conv1.weight)
 
@@ -966,19 +942,19 @@ def test_optimizer_resume_bit_identical(tmp_path, name):
     for i in range(3):
         step(a, opt_a, data[i], i)
     buf = "mu" if name == "lars" else "momentum_buffer"
-    opt_t = fm.optimizer_tensors(opt_a)
+    opt_t = ck.optimizer_tensors(opt_a)
     assert len(opt_t) == len(list(a.parameters())) and all(k.endswith("." + buf) for k in opt_t)
     path = tmp_path / "resume.safetensors"
-    fm.save_checkpoint(path, {**{f"model.{k}": v for k, v in a.state_dict().items()}, **opt_t}, {"step": 3})
+    ck.save_checkpoint(path, {**{f"model.{k}": v for k, v in a.state_dict().items()}, **opt_t}, {"step": 3})
     for i in range(3, 7):
         step(a, opt_a, data[i], i)
 
     torch.manual_seed(2)  # different init, overwritten by the checkpoint
     b = _Tiny()
     opt_b = fm.make_optimizer(b, name, lr=0.1, weight_decay=1e-2, fix_predictor_lr=True)
-    tensors, meta = fm.load_checkpoint(path)
-    b.load_state_dict(fm.prefixed(tensors, "model."))
-    fm.load_optimizer_tensors(opt_b, tensors)
+    tensors, meta = ck.load_checkpoint(path)
+    b.load_state_dict(ck.prefixed(tensors, "model."))
+    ck.load_optimizer_tensors(opt_b, tensors)
     assert meta["step"] == 3
     assert opt_b.param_groups[1].get("fixed_lr") is True and opt_b.param_groups[1]["lr"] == 0.1
     for i in range(meta["step"], 7):
@@ -990,7 +966,7 @@ def test_optimizer_resume_bit_identical(tmp_path, name):
     torch.manual_seed(2)
     c = _Tiny()
     opt_c = fm.make_optimizer(c, name, lr=0.1, weight_decay=1e-2, fix_predictor_lr=True)
-    c.load_state_dict(fm.prefixed(tensors, "model."))
+    c.load_state_dict(ck.prefixed(tensors, "model."))
     for i in range(3, 7):
         step(c, opt_c, data[i], i)
     assert not all(torch.equal(va, vc) for va, vc in zip(a.state_dict().values(), c.state_dict().values()))
@@ -1045,7 +1021,7 @@ def test_two_process_gloo(tmp_path):
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env) for r in range(ws)]
     logs = [p.communicate(timeout=180)[0].decode() for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
-    outs = [fm.load_checkpoint(tmp_path / f"out{r}.safetensors")[0] for r in range(ws)]
+    outs = [ck.load_checkpoint(tmp_path / f"out{r}.safetensors")[0] for r in range(ws)]
 
     torch.manual_seed(0)
     X1, X2 = torch.randn(ws * N, 3, 32, 32), torch.randn(ws * N, 3, 32, 32)

@@ -237,7 +237,7 @@ def test_pretrain_augment_on_device_runs_and_resumes_exactly(parquet, tmp_path):
     4, the losses and weights equal the straight run's; a resume with the other --augment-on is refused."""
     import json
 
-    import fastmoco as fm
+    import checkpoints as ck
     from conftest import stage
 
     common = ["--data", parquet, "--arch", "resnet18", "--image-size", 32, "--no-small-stem", "--batch-size", 8,
@@ -248,8 +248,8 @@ def test_pretrain_augment_on_device_runs_and_resumes_exactly(parquet, tmp_path):
     log = lambda d: [json.loads(s) for s in (tmp_path / d / "log.jsonl").read_text().splitlines()]  # noqa: E731
     assert [r["step"] for r in log("part")] == [1, 2, 3, 4]
     assert [r["loss"] for r in log("part")] == [r["loss"] for r in log("full")]
-    a, _ = fm.load_checkpoint(tmp_path / "full/ckpt.safetensors")
-    b, _ = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
+    a, _ = ck.load_checkpoint(tmp_path / "full/ckpt.safetensors")
+    b, _ = ck.load_checkpoint(tmp_path / "part/ckpt.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng."))
     p = stage("pretrain.py", *common[:-1], "cpu", "--max-steps", 5, "--output-dir", tmp_path / "part", check=False)
     assert p.returncode == 1 and "augment_on" in p.stderr

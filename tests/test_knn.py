@@ -1,4 +1,4 @@
-"""The kNN monitor at ImageNet size (runs.py): chunked scoring against a slow loop, its memory, the balanced bank
+"""The kNN monitor at ImageNet size (knn.py): chunked scoring against a slow loop, its memory, the balanced bank
 subset, streamed splits; and data.process_shards: each streamed example decoded by one process only."""
 
 import itertools
@@ -11,8 +11,8 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import data
+import knn
 import linear_probe
-import runs
 from conftest import ROOT, stage
 
 
@@ -44,7 +44,7 @@ def test_knn_predict_matches_slow_loop(dtype, margin):
     decided = (top2[:, 0] - top2[:, 1]) > margin * top2[:, 0]
     assert decided.sum() >= 100  # the comparison covers most queries
     for chunk in (1, 7, 1000):
-        pred = runs.knn_predict(runs.normalized(queries, dtype), runs.normalized(bank, dtype), labels, classes, k,
+        pred = knn.knn_predict(knn.normalized(queries, dtype), knn.normalized(bank, dtype), labels, classes, k,
                                 0.1, chunk)
         assert torch.equal(pred[decided], ref.argmax(1)[decided]), chunk
 
@@ -81,12 +81,12 @@ class PeakBytes(TorchDispatchMode):
 
 def test_knn_peak_memory_grows_with_the_chunk_not_with_n_val_x_n_train():
     M, chunk = 4000, 64
-    bank, bank_y = runs.normalized(torch.randn(M, 16), torch.float32), torch.randint(0, 10, (M,))
+    bank, bank_y = knn.normalized(torch.randn(M, 16), torch.float32), torch.randint(0, 10, (M,))
 
     def peak(n_val, chunk):
-        q = runs.normalized(torch.randn(n_val, 16), torch.float32)
+        q = knn.normalized(torch.randn(n_val, 16), torch.float32)
         with PeakBytes() as p:
-            runs.knn_predict(q, bank, bank_y, 10, chunk=chunk)
+            knn.knn_predict(q, bank, bank_y, 10, chunk=chunk)
         return p.peak
 
     small, large = peak(256, chunk), peak(2048, chunk)
@@ -97,11 +97,11 @@ def test_knn_peak_memory_grows_with_the_chunk_not_with_n_val_x_n_train():
 
 def test_balanced_subset():
     labels = [0] * 50 + [1] * 30 + [2] * 3 + [3] * 17  # class 2 has fewer than its share
-    idx = runs.balanced_subset(labels, 40, seed=0)
+    idx = knn.balanced_bank(labels, 40, seed=0)
     counts = [sum(labels[i] == c for i in idx) for c in range(4)]
     assert len(idx) == 40 == len(set(idx)) and idx == sorted(idx)
     assert counts[2] == 3 and sorted(counts) == [3, 12, 12, 13]  # 37 over the three others: 12 or 13 each
-    assert idx == runs.balanced_subset(labels, 40, seed=0) != runs.balanced_subset(labels, 40, seed=1)
+    assert idx == knn.balanced_bank(labels, 40, seed=0) != knn.balanced_bank(labels, 40, seed=1)
 
 
 @pytest.fixture(autouse=True)
@@ -156,16 +156,16 @@ def test_streamed_examples_are_decoded_once_across_processes(sharded):
     decoded.clear()  # the kNN's streamed validation split
     val, n_val = data.load_split(str(sharded), "test", True)
     for r in range(2):
-        ds, workers = runs.knn_split(val, "image", count, r, 2, workers=4)
+        ds, workers = knn.knn_split(val, "image", count, r, 2, workers=4)
         assert workers == ds.ds.num_shards == (2 if r == 0 else 1) and len(list(ds)) == (14 if r == 0 else 7)
     assert len(decoded) == len(set(decoded)) == n_val == 21
 
 
 def test_streamed_bank_subset_is_capped_and_balanced(sharded):
     train, _ = data.load_split(str(sharded), "train", True)
-    ys = [[ex["y"] for ex in runs.knn_split(train, "image", lambda img: 0, r, 2, 0, 20, 0)[0]] for r in range(2)]
+    ys = [[ex["y"] for ex in knn.knn_split(train, "image", lambda img: 0, r, 2, 0, 20, 0)[0]] for r in range(2)]
     assert [sorted(y) for y in ys] == [list(range(10))] * 2  # 10 per process, 1 per class (of 10) each
-    again = [ex["y"] for ex in runs.knn_split(train, "image", lambda img: 0, 0, 2, 0, 20, 0)[0]]
+    again = [ex["y"] for ex in knn.knn_split(train, "image", lambda img: 0, 0, 2, 0, 20, 0)[0]]
     assert again == ys[0]  # seeded: the same bank at every evaluation
 
 
@@ -180,10 +180,10 @@ def test_knn_top1_streamed_equals_map_style(sharded):
 
     backbone = fm.OnlineEncoder("mocov3", "resnet18", False, 2, 2).backbone
     splits = {s: [data.load_split(str(sharded), split, s)[0] for split in ("train", "test")] for s in (False, True)}
-    (a, na), (b, nb) = (runs.knn_top1(backbone, *splits[s], "image", 32, acc) for s in (False, True))
+    (a, na), (b, nb) = (knn.knn_top1(backbone, *splits[s], "image", 32, acc) for s in (False, True))
     assert na == nb == 48 and a == pytest.approx(b)
-    assert runs.knn_top1(backbone, *splits[False], "image", 32, acc, bank_size=20)[1] == 20
-    assert runs.knn_top1(backbone, *splits[True], "image", 32, acc, bank_size=20)[1] == 20
+    assert knn.knn_top1(backbone, *splits[False], "image", 32, acc, bank_size=20)[1] == 20
+    assert knn.knn_top1(backbone, *splits[True], "image", 32, acc, bank_size=20)[1] == 20
 
 
 @pytest.mark.slow
@@ -230,10 +230,34 @@ def test_two_processes_decode_each_example_once(sharded, tmp_path):
     b20 = r0["knn_decoded"][1] + r1["knn_decoded"][1]
     assert len(b20) == len(set(b20)) == 20 + 21 and set(b20) >= set(test)  # the subset bank and every query
     torch.manual_seed(0)
-    one = runs.knn_top1(fm.resnet("resnet18", False), *[data.load_split(str(sharded), s, True)[0]
+    one = knn.knn_top1(fm.resnet("resnet18", False), *[data.load_split(str(sharded), s, True)[0]
                                                         for s in ("train", "test")], "image", 32, Accelerator(cpu=True))
     assert r0["knn"][0] == r1["knn"][0] and r0["knn"][0][0] == pytest.approx(one[0]) and one[1] == 48
     assert r0["knn"][1][1] == 20
     a, b = r0["probe_decoded"], r1["probe_decoded"]
     assert len(a) == len(b) == 2 * 6 * 4 and set(a) <= set(train[:32]) and set(b) <= set(train[32:])
     assert json.loads((tmp_path / "probe/results.json").read_text())["world_size"] == 2
+
+def vote(q, bank, labels, classes, k, t):
+    """knn.knn_predict on raw features (it takes normalized rows)."""
+    return knn.knn_predict(knn.normalized(q, torch.float32), knn.normalized(bank, torch.float32), labels, classes, k, t)
+
+
+def test_knn_weighted_vote_by_hand():
+    """Query e1. Bank: one class-1 entry at cos 1.0, three class-0 entries at cos 0.8, one class-2 entry at cos -1.
+    t=0.1: class 1 scores e^10 = 22026 > class 0 3*e^8 = 8943 -> 1, although class 0 is the majority.
+    t=1:   class 1 scores e^1 = 2.72  < class 0 3*e^0.8 = 6.68 -> 0."""
+    bank = torch.tensor([[5.0, 0.0], [0.8, 0.6], [1.6, -1.2], [0.4, 0.3], [-2.0, 0.0]])  # norms differ on purpose
+    labels = torch.tensor([1, 0, 0, 0, 2])
+    q = torch.tensor([[2.0, 0.0]])
+    assert math.exp(1 / 0.1) > 3 * math.exp(0.8 / 0.1) and math.exp(1 / 1.0) < 3 * math.exp(0.8 / 1.0)
+    assert vote(q, bank, labels, classes=3, k=4, t=0.1).tolist() == [1]
+    assert vote(q, bank, labels, classes=3, k=4, t=1.0).tolist() == [0]
+    # k larger than the bank: every entry votes; the far class-2 entry adds only e^{-1/t}
+    assert vote(q, bank, labels, classes=3, k=200, t=0.1).tolist() == [1]
+    assert vote(q, bank, labels, classes=3, k=200, t=1.0).tolist() == [0]
+    # k = 1: nearest neighbour only
+    assert vote(q, bank, labels, classes=3, k=1, t=1.0).tolist() == [1]
+    # query -e1: the class-2 entry is the only close one
+    q2 = torch.tensor([[-1.0, 0.0], [2.0, 0.0]])
+    assert vote(q2, bank, labels, classes=4, k=1, t=0.1).tolist() == [2, 1]

@@ -13,7 +13,7 @@ import pytest
 from test_pretrain import ROOT, read_log
 from test_reliability import assert_same_run
 
-import fastmoco as fm
+import checkpoints as ck
 from data import demo_dataset
 
 pytestmark = pytest.mark.slow  # every test starts launchers
@@ -76,14 +76,14 @@ def test_two_machine_run_resumes_exactly(data, tmp_path):
     check(launch(29813, ROOT / "pretrain.py", *args, "--max-steps", 6, "--output-dir", tmp_path / "full", machines=2))
     check(launch(29814, ROOT / "pretrain.py", *args, "--max-steps", 2, "--output-dir", tmp_path / "part", machines=2))
     check(launch(29815, ROOT / "pretrain.py", *args, "--max-steps", 6, "--output-dir", tmp_path / "part", machines=2))
-    _, meta = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
+    _, meta = ck.load_checkpoint(tmp_path / "part/ckpt.safetensors")
     assert meta["world_size"] == 2 and meta["step"] == 6
     assert_same_run(tmp_path / "full", tmp_path / "part")
     results = launch(29816, ROOT / "pretrain.py", *args, "--max-steps", 8, machines=2,
                      machine_args={0: ["--output-dir", tmp_path / "part"], 1: ["--output-dir", tmp_path / "other"]})
     for rc, _, err in results:
         assert rc != 0 and error_lines(err, "would start from different steps (6, 0, by process)"), err[-4000:]
-    assert fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")[1]["step"] == 6
+    assert ck.load_checkpoint(tmp_path / "part/ckpt.safetensors")[1]["step"] == 6
 
 
 # ----------------------------------------------------------------------------- failures on several processes
@@ -112,7 +112,7 @@ def test_full_disk_on_the_main_process_stops_every_process(data, tmp_path):
     assert "Connection closed by peer" not in err, err[-6000:]
     assert ckpt.read_bytes() == before and (tmp_path / "log.jsonl").read_text().startswith(log)
     assert not list(tmp_path.glob("ckpt-*.safetensors")) and not list(tmp_path.glob("*.tmp"))
-    assert fm.load_checkpoint(ckpt)[1]["step"] == 1
+    assert ck.load_checkpoint(ckpt)[1]["step"] == 1
 
 
 def corrupt_pages(path):
@@ -143,4 +143,4 @@ def test_data_loader_error_on_one_process_stops_every_process(tmp_path, machines
     assert len(error_lines(err, "the data loader of process 1 failed")) == 2, err[-6000:]
     assert "Connection closed by peer" not in err, err[-6000:]
     assert ckpt.read_bytes() == before and [r["step"] for r in read_log(tmp_path / "run")] == [1, 2]
-    assert fm.load_checkpoint(ckpt)[1]["step"] == 2
+    assert ck.load_checkpoint(ckpt)[1]["step"] == 2

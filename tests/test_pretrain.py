@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+import checkpoints as ck
 import fastmoco as fm
 from data import demo_dataset
 
@@ -43,12 +44,12 @@ def test_method_runs_and_checkpoint_loads_into_torchvision(parquet, tmp_path, me
     rows = read_log(tmp_path)
     assert [r["step"] for r in rows] == [1, 2, 3] and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert (tmp_path / "ckpt-0000002.safetensors").is_file()
-    tensors, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    tensors, meta = ck.load_checkpoint(tmp_path / "ckpt.safetensors")
     assert meta["method"] == method and meta["step"] == 3 and meta["args"]["seed"] == 0
-    assert meta["fastmoco_sha256"] == fm.source_hash()
+    assert meta["fastmoco_sha256"] == ck.source_hash()
     assert not any(k.startswith(("module.", "_orig_mod.")) or ".module." in k for k in tensors)
     net = torchvision.models.resnet18()
-    missing, unexpected = net.load_state_dict(fm.prefixed(tensors, "backbone."), strict=False)
+    missing, unexpected = net.load_state_dict(ck.prefixed(tensors, "backbone."), strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     # resumable content: momentum encoder, optimizer buffers, and the queue for MoCo v1/v2
     assert any(k.startswith("target.backbone.") for k in tensors) and any(k.startswith("optimizer.") for k in tensors)
@@ -57,12 +58,12 @@ def test_method_runs_and_checkpoint_loads_into_torchvision(parquet, tmp_path, me
 
 def test_small_stem_checkpoint_loads_into_modified_torchvision(parquet, tmp_path):
     run("--data", parquet, "--max-steps", 1, "--output-dir", tmp_path, stem=())  # 32 px: small stem by default
-    tensors, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    tensors, meta = ck.load_checkpoint(tmp_path / "ckpt.safetensors")
     assert meta["small_stem"] is True and meta["args"]["small_stem"] is None
     net = torchvision.models.resnet18()
     net.conv1, net.maxpool = torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False), torch.nn.Identity()
     net.fc = torch.nn.Identity()
-    net.load_state_dict(fm.prefixed(tensors, "backbone."), strict=True)
+    net.load_state_dict(ck.prefixed(tensors, "backbone."), strict=True)
 
 
 @pytest.mark.parametrize("method", ["fastmoco", "mocov2"])
@@ -77,8 +78,8 @@ def test_resume_continues_exactly(parquet, tmp_path, method):
     full, part = read_log(tmp_path / "full"), read_log(tmp_path / "part")
     assert [r["step"] for r in part] == [1, 2, 3, 4, 5, 6]
     assert [r["loss"] for r in part] == [r["loss"] for r in full]
-    a, _ = fm.load_checkpoint(tmp_path / "full/ckpt.safetensors")
-    b, _ = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
+    a, _ = ck.load_checkpoint(tmp_path / "full/ckpt.safetensors")
+    b, _ = ck.load_checkpoint(tmp_path / "part/ckpt.safetensors")
     assert a.keys() == b.keys()
     for k in a:
         if not k.startswith("rng."):
@@ -97,7 +98,7 @@ def test_hub_unreachable_fails_fast_with_a_way_forward(tmp_path):
 def test_official_init(parquet, tmp_path):
     """--official-init reaches the run: the target starts apart from the online encoder, head gammas below 1."""
     run("--data", parquet, "--max-steps", 1, "--official-init", "--output-dir", tmp_path)
-    t, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    t, meta = ck.load_checkpoint(tmp_path / "ckpt.safetensors")
     assert meta["args"]["official_init"] is True
     # after one EMA step from an independent draw (m 0.99), the target is still ~99% its own init
     assert (t["target.backbone.conv1.weight"] - t["backbone.conv1.weight"]).abs().mean() > 1e-3
@@ -123,7 +124,7 @@ def test_max_steps_0_writes_the_initial_checkpoint(parquet, tmp_path):
     """--max-steps 0 is zero steps (a random-init baseline for the probes), never "the default": a step-0 checkpoint
     whose backbone is the seed's initialisation."""
     run("--data", parquet, "--max-steps", 0, "--output-dir", tmp_path)
-    t, meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")
+    t, meta = ck.load_checkpoint(tmp_path / "ckpt.safetensors")
     torch.manual_seed(0)
     init = fm.OnlineEncoder("fastmoco", "resnet18", False).state_dict()
     assert meta["step"] == 0 and torch.equal(t["backbone.conv1.weight"], init["backbone.conv1.weight"])
@@ -171,7 +172,7 @@ def test_bf16_autocast_run(parquet, tmp_path, method):
     run("--data", parquet, "--method", method, "--queue-size", 16, "--mixed-precision", "bf16", "--max-steps", 2,
         "--output-dir", tmp_path)
     rows = read_log(tmp_path)
-    meta = fm.load_checkpoint(tmp_path / "ckpt.safetensors")[1]
+    meta = ck.load_checkpoint(tmp_path / "ckpt.safetensors")[1]
     assert len(rows) == 2 and all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     assert meta["args"]["mixed_precision"] == "bf16"
 
@@ -181,7 +182,7 @@ def test_recipe_overrides_reach_the_schedules(parquet, tmp_path):
     (with channels_last forced on in fp32, which the default leaves off on CPU)."""
     run("--data", parquet, "--epochs", 2, "--max-steps", 7, "--lr", 0.1, "--warmup-epochs", 1, "--momentum", 0.9,
         "--tau", 0.5, "--weight-decay", 0.001, "--clip-grad", 2.0, "--channels-last", "--output-dir", tmp_path)
-    rows, meta = read_log(tmp_path), fm.load_checkpoint(tmp_path / "ckpt.safetensors")[1]
+    rows, meta = read_log(tmp_path), ck.load_checkpoint(tmp_path / "ckpt.safetensors")[1]
     base = 0.1 * 8 / 256  # 48 images / batch 8 = 6 steps per epoch, warmup 6 steps from base/4 (Fast-MoCo)
     assert rows[0]["lr"] == pytest.approx(base * 0.25) and rows[6]["lr"] == pytest.approx(base)
     assert all(r["m"] == 0.9 for r in rows)

@@ -23,7 +23,7 @@ import torch
 from PIL import Image
 from test_pretrain import ROOT, read_log, run
 
-import fastmoco as fm
+import checkpoints as ck
 from data import demo_dataset, load_rgb
 
 
@@ -63,8 +63,8 @@ def assert_same_run(a, b):
     ra, rb = read_log(a), read_log(b)
     assert [r["step"] for r in rb] == [r["step"] for r in ra]
     assert [(r["loss"], r["lr"], r["m"]) for r in rb] == [(r["loss"], r["lr"], r["m"]) for r in ra]
-    ta, _ = fm.load_checkpoint(a / "ckpt.safetensors")
-    tb, _ = fm.load_checkpoint(b / "ckpt.safetensors")
+    ta, _ = ck.load_checkpoint(a / "ckpt.safetensors")
+    tb, _ = ck.load_checkpoint(b / "ckpt.safetensors")
     assert ta.keys() == tb.keys()
     for k in ta:
         assert torch.equal(ta[k], tb[k]), k
@@ -114,8 +114,8 @@ def test_nonfinite_loss_stops_or_is_skipped(small, tmp_path):
     run(*args, "--skip-nonfinite", "--output-dir", tmp_path / "skip")
     rows = read_log(tmp_path / "skip")
     assert [r["skipped_steps"] for r in rows] == [0, 1, 2, 3]
-    good, _ = fm.load_checkpoint(tmp_path / "skip/ckpt-0000001.safetensors")
-    last, meta = fm.load_checkpoint(tmp_path / "skip/ckpt.safetensors")
+    good, _ = ck.load_checkpoint(tmp_path / "skip/ckpt-0000001.safetensors")
+    last, meta = ck.load_checkpoint(tmp_path / "skip/ckpt.safetensors")
     assert meta["skipped_steps"] == 3
     for k in good:
         if not k.startswith("rng."):
@@ -143,7 +143,7 @@ def test_full_disk_gives_one_line_error_and_keeps_the_checkpoint(small, tmp_path
     err = p.stderr.strip().splitlines()
     assert p.returncode == 1 and err[-1].startswith("error: cannot write") and "File too large" in err[-1], p.stderr
     assert "is intact" in err[-1] and not list(tmp_path.glob("*.tmp"))
-    assert ckpt.read_bytes() == before and fm.load_checkpoint(ckpt)[1]["step"] == 1
+    assert ckpt.read_bytes() == before and ck.load_checkpoint(ckpt)[1]["step"] == 1
 
 
 @pytest.mark.slow
@@ -155,7 +155,7 @@ def test_resume_with_other_settings_is_refused(small, tmp_path):
     err = p.stderr.strip().splitlines()
     assert p.returncode == 1 and "other settings (grid, seed)" in err[-1] and "new --output-dir" in err[-1], p.stderr
     p = run("--data", small, "--max-steps", 2, "--output-dir", tmp_path, "--log-every", 2, "--save-every", 5)
-    assert "resuming from" in p.stderr and fm.load_checkpoint(tmp_path / "ckpt.safetensors")[1]["step"] == 2
+    assert "resuming from" in p.stderr and ck.load_checkpoint(tmp_path / "ckpt.safetensors")[1]["step"] == 2
 
 
 def image_bytes(img, fmt, **kw):
@@ -217,7 +217,7 @@ def test_bad_images_are_skipped_counted_and_bounded(tmp_path):
     p = run("--data", tmp_path, "--epochs", 1, "--max-bad-fraction", 0.5, "--output-dir", tmp_path / "ok")
     named = {w.split()[-1] for w in p.stderr.splitlines() if "skipped undecodable image" in w}
     assert named == bad_ids, p.stderr
-    assert read_log(tmp_path / "ok")[-1]["bad_images"] == 4 and fm.load_checkpoint(tmp_path / "ok/ckpt.safetensors")
+    assert read_log(tmp_path / "ok")[-1]["bad_images"] == 4 and ck.load_checkpoint(tmp_path / "ok/ckpt.safetensors")
     p = run("--data", tmp_path, "--epochs", 1, "--output-dir", tmp_path / "stop", check=False)  # default 0.01
     err = p.stderr.strip().splitlines()[-1]
     assert p.returncode == 1 and "could not be decoded" in err and "--max-bad-fraction" in err, p.stderr
@@ -244,7 +244,7 @@ def test_planted_pickles_are_never_unpickled(small, tmp_path):
     for name in ("evil.pt", "evil.pth", "evil.pkl"):
         (tmp_path / name).write_bytes(evil)
         with pytest.raises(ValueError, match="not a readable safetensors checkpoint"):
-            fm.load_checkpoint(tmp_path / name)
+            ck.load_checkpoint(tmp_path / name)
     p = run("--data", small, "--max-steps", 1, "--resume", tmp_path / "evil.pt", "--output-dir", tmp_path / "a",
             check=False)
     err = p.stderr.strip().splitlines()
@@ -256,7 +256,7 @@ def test_planted_pickles_are_never_unpickled(small, tmp_path):
     (d / "ckpt-0000001.safetensors").write_bytes(evil)
     p = run("--data", small, "--max-steps", 1, "--output-dir", d)  # nothing valid to resume: a fresh run
     assert p.stderr.count("warning: skipping") == 2 and "resuming" not in p.stderr
-    assert fm.load_checkpoint(d / "ckpt.safetensors")[1]["step"] == 1
+    assert ck.load_checkpoint(d / "ckpt.safetensors")[1]["step"] == 1
     assert not marker.exists()
 
 
@@ -310,7 +310,7 @@ def test_two_process_resume_equals_uninterrupted(shards, tmp_path):
     launch2(29663, *args, "--max-steps", 5, "--output-dir", tmp_path / "full")
     launch2(29664, *args, "--max-steps", 2, "--output-dir", tmp_path / "part")
     launch2(29665, *args, "--max-steps", 5, "--output-dir", tmp_path / "part")
-    tensors, meta = fm.load_checkpoint(tmp_path / "part/ckpt.safetensors")
+    tensors, meta = ck.load_checkpoint(tmp_path / "part/ckpt.safetensors")
     assert meta["world_size"] == 2 and tensors["data.stream"].shape == (2, 2)
     assert_same_run(tmp_path / "full", tmp_path / "part")
     p = launch2(29666, "--data", shards, "--batch-size", 9, "--output-dir", tmp_path / "odd", check=False)

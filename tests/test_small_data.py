@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 from typer.testing import CliRunner
 
+import checkpoints as ck
 import fastmoco as fm
 import linear_probe
 import plot
@@ -85,8 +86,8 @@ def test_moco_step_equals_the_cifar_demo_step_written_out():
         for step in range(3):
             with torch.no_grad():  # same weights: ours -> the demo's (its fc is our projector)
                 for ours, demo in ((model, demo_q), (target, demo_k)):
-                    w = dict(fm.prefixed(ours.state_dict(), "backbone."),
-                             **{"fc." + k: v for k, v in fm.prefixed(ours.state_dict(), "projector.").items()})
+                    w = dict(ck.prefixed(ours.state_dict(), "backbone."),
+                             **{"fc." + k: v for k, v in ck.prefixed(ours.state_dict(), "projector.").items()})
                     demo.load_state_dict(w)
             demo_queue = queue.T.clone()
             x1, x2 = torch.randn(B, 3, size, size), torch.randn(B, 3, size, size)
@@ -252,7 +253,7 @@ def test_small_recipe_run_logs_knn_and_training_time_and_says_where_it_went(parq
     knn = [r for r in rows if "knn_top1" in r]
     assert [r["epoch"] for r in knn] == [0, 1, 2] and knn[0]["train_seconds"] == 0
     assert 0 < knn[1]["train_seconds"] < knn[2]["train_seconds"]
-    _, meta = fm.load_checkpoint(out / "ckpt.safetensors")
+    _, meta = ck.load_checkpoint(out / "ckpt.safetensors")
     assert meta["args"]["recipe"] == "small" and meta["small_stem"] and meta["image_size"] == 32
     assert meta["arch"] == meta["args"]["arch"] == "resnet18" and "backbone.layer1.0.conv2.weight" in _
     assert meta["recipe"]["lr"] == 0.12 and meta["train_seconds"] > 0
@@ -435,7 +436,7 @@ def test_warm_queue_fills_the_queue_with_real_keys_before_the_first_update(parqu
         stage("pretrain.py", "--data", parquet, "--recipe", "small", "--method", "mocov2", "--arch", "resnet18",
               "--no-small-stem", "--batch-size", 8, "--queue-size", 16, "--max-steps", 2, "--workers", 0,
               "--no-tensorboard", "--output-dir", tmp_path / name, *flags)
-        tensors, meta = fm.load_checkpoint(tmp_path / name / "ckpt.safetensors")
+        tensors, meta = ck.load_checkpoint(tmp_path / name / "ckpt.safetensors")
         moved = max((tensors[k] - tensors["target." + k]).abs().max().item() for k in tensors
                     if k.startswith("backbone.") and "running" not in k and "num_batches" not in k)
         return tensors["queue"], moved, meta["recipe"]["warm_queue"]

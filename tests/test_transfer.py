@@ -16,6 +16,7 @@ import yaml
 from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
+import checkpoints as ck
 import fastmoco as fm
 import plot
 import transfer.convert as convert
@@ -107,7 +108,7 @@ def test_each_method_converts(pretrained, tmp_path, method):
     model = read_pkl(tmp_path / "d2.pkl")["model"]
     layout = detectron2_layout(18)
     assert sorted(model) == sorted(layout) and all(model[k].shape == layout[k] for k in layout)
-    tensors, _ = fm.load_checkpoint(pretrained[method])
+    tensors, _ = ck.load_checkpoint(pretrained[method])
     assert np.array_equal(model["res3.0.shortcut.norm.weight"], tensors["backbone.layer2.0.downsample.1.weight"])
 
 
@@ -288,7 +289,7 @@ def test_faster_rcnn_on_voc_format_end_to_end(pretrained, detection_data, tmp_pa
     assert all(0 <= r["bbox"][k] <= 100 for k in ("AP", "AP50", "AP75")) and "segm" not in r
     log = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
     assert [row["step"] for row in log] == [1, 2, 3] and all(np.isfinite(row["loss"]) for row in log)
-    tensors, _ = fm.load_checkpoint(tmp_path / "model.safetensors")
+    tensors, _ = ck.load_checkpoint(tmp_path / "model.safetensors")
     assert tensors["backbone.body.conv1.weight"].shape == (64, 3, 7, 7)  # our ResNet under torchvision's FPN
 
 
@@ -300,7 +301,7 @@ def test_mask_rcnn_on_coco_format_end_to_end(pretrained, detection_data, tmp_pat
          batch_size=2, min_size=64, max_size=64, sync_bn=False, workers=0, output_dir=tmp_path)
     r = json.loads((tmp_path / "results.json").read_text())
     assert r["head"] == "mask_rcnn_fpn" and set(r["segm"]) == {"AP", "AP50", "AP75"}
-    tensors, _ = fm.load_checkpoint(tmp_path / "model.safetensors")
+    tensors, _ = ck.load_checkpoint(tmp_path / "model.safetensors")
     assert any(k.startswith("roi_heads.mask_head") for k in tensors)
     assert "backbone.body.bn1.weight" in tensors  # FrozenBatchNorm2d buffers (--no-sync-bn)
 
@@ -329,7 +330,7 @@ def sources(tmp_path_factory):
     run folder whose log.jsonl has kNN rows."""
     d = tmp_path_factory.mktemp("sources")
     sd = {k: v for k, v in torchvision.models.resnet18().state_dict().items() if not k.startswith("fc.")}
-    fm.save_checkpoint(d / "r18.safetensors", {f"backbone.{k}": v for k, v in sd.items()}, dict(arch="resnet18"))
+    ck.save_checkpoint(d / "r18.safetensors", {f"backbone.{k}": v for k, v in sd.items()}, dict(arch="resnet18"))
     torch.save({"state_dict": sd}, d / "r18.pth.tar")
     (d / "run").mkdir()
     (d / "run" / "log.jsonl").write_text("".join(json.dumps(dict(epoch=e, knn_top1=10.0 + e)) + "\n" for e in (0, 1)))

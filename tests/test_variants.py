@@ -16,6 +16,7 @@ import torchvision
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import checkpoints as ck
 import fastmoco as fm  # noqa: E402
 import variants as vr  # noqa: E402
 from data import small_crops  # noqa: E402
@@ -343,9 +344,9 @@ def test_check_refuses_impossible_combinations(kw, words):
 def _check_run(d, method, steps=(1, 2)):
     rows = read_log(d)
     assert [r["step"] for r in rows] == list(steps) and all(math.isfinite(r["loss"]) for r in rows)
-    tensors, meta = fm.load_checkpoint(d / "ckpt.safetensors")
+    tensors, meta = ck.load_checkpoint(d / "ckpt.safetensors")
     assert meta["method"] == method
-    missing, unexpected = torchvision.models.resnet18().load_state_dict(fm.prefixed(tensors, "backbone."),
+    missing, unexpected = torchvision.models.resnet18().load_state_dict(ck.prefixed(tensors, "backbone."),
                                                                          strict=False)
     assert sorted(missing) == ["fc.bias", "fc.weight"] and unexpected == []
     return tensors, meta
@@ -381,7 +382,7 @@ def test_nnclr_sampled_pipeline_resumes_exactly(parquet, tmp_path):
     run(*common, "--max-steps", 2, "--output-dir", tmp_path / "part")
     run(*common, "--max-steps", 3, "--output-dir", tmp_path / "part", "--resume", tmp_path / "part/ckpt.safetensors")
     assert [r["loss"] for r in read_log(tmp_path / "part")] == [r["loss"] for r in read_log(tmp_path / "full")]
-    a, _ = fm.load_checkpoint(tmp_path / "full/ckpt.safetensors")
+    a, _ = ck.load_checkpoint(tmp_path / "full/ckpt.safetensors")
     b, _ = _check_run(tmp_path / "part", "nnclr", steps=[1, 2, 3])
     assert b["queue"].shape == (16, 256) and a.keys() == b.keys()
     assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("rng.")), "resumed weights differ"

@@ -22,16 +22,12 @@ import typer
 if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import fastmoco as fm
+import checkpoints as ck
 import runs
+from cli import fail
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
-
-
-def fail(msg):
-    """A one-line, user-facing error: exits with status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
 
 
 def detectron2_name(key: str) -> str:
@@ -79,7 +75,7 @@ def main(
     except OSError as e:
         fail(f"{e}: choose another output path")
     try:
-        net, meta = fm.load_backbone(ckpt, arch)
+        net, meta = ck.load_backbone(ckpt, arch)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     if meta["small_stem"]:

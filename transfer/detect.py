@@ -32,19 +32,16 @@ from torchvision.transforms.v2 import functional as TF
 if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoints as ck
 import fastmoco as fm
 import runs
+from cli import fail
 from data import MEAN, STD
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
                   context_settings={"help_option_names": ["-h", "--help"]})
 VOC_CLASSES = ("aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable",
                "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor")
-
-
-def fail(msg):
-    """A one-line, user-facing error: exits with status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
 
 
 def numbers(row: dict, prefix: str = "") -> dict:
@@ -281,7 +278,7 @@ def main(
     except ValueError as e:
         fail(e)
     try:
-        net, meta = fm.load_backbone(ckpt)
+        net, meta = ck.load_backbone(ckpt)
     except (ValueError, FileNotFoundError) as e:
         fail(str(e))
     try:
@@ -357,7 +354,7 @@ def main(
     if acc.is_main_process:
         log.close()
         try:
-            fm.save_checkpoint(output_dir / "model.safetensors", acc.unwrap_model(model).state_dict(),
+            ck.save_checkpoint(output_dir / "model.safetensors", acc.unwrap_model(model).state_dict(),
                                dict(format="fastmoco-detect-v1", results=results))
             (output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         except OSError as e:  # the folder went away or filled up during the run

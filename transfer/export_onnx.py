@@ -27,8 +27,9 @@ if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import backbones
-import fastmoco as fm
+import checkpoints as ck
 import runs
+from cli import fail
 from data import MEAN, STD
 
 # Opset 18: the dynamo exporter's own opset (onnxscript's torchlib is written for it; asking for an older one runs
@@ -39,11 +40,6 @@ OPSET = 18
 BATCHES = (2, 3)  # the check's batch sizes: the example batch of the export (2) and another one
 TOLERANCE = 1e-4  # max abs difference allowed, relative to the output scale (the largest |feature| of PyTorch's)
 INPUT, OUTPUT = "images", "features"
-
-
-def fail(msg):
-    """A one-line, user-facing error: exits with status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
@@ -140,7 +136,7 @@ def main(
         tmp = Path(tmp)
         try:
             export(net, size, tmp)
-        except Exception as e:  # the exporter's own errors (torch.export, onnxscript): e.g. a timm model torch.export cannot trace
+        except Exception as e:  # the exporter's own errors (torch.export, onnxscript), e.g. a timm model it cannot trace
             if isinstance(e, OSError):
                 raise
             first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
@@ -157,7 +153,7 @@ def main(
         if not diff <= TOLERANCE * scale:  # also catches NaN
             fail(f"onnxruntime's features differ from PyTorch's by {diff:.3g} (max abs, batch {n}), over the "
                  f"tolerance {TOLERANCE:g} x the output scale {scale:.3g}; {output} was not written")
-        fm.share_as_umask_says(tmp)  # mkstemp makes it 0600, and the rename keeps that
+        ck.share_as_umask_says(tmp)  # mkstemp makes it 0600, and the rename keeps that
         os.replace(tmp, output)
         tmp = None
     except OSError as e:  # a full disk, the folder went away

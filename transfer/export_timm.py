@@ -29,13 +29,10 @@ if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import backbones
-import fastmoco as fm
+import checkpoints as ck
 import runs
+from cli import fail
 from data import MEAN, STD
-
-def fail(msg):
-    """A one-line, user-facing error: exits with status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
@@ -141,10 +138,10 @@ def write_folder(out: Path, files: dict):
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        fm.share_as_umask_says(tmp)  # mkdtemp makes it 0700, and the rename keeps that
+        ck.share_as_umask_says(tmp)  # mkdtemp makes it 0700, and the rename keeps that
         for name, write in files.items():
             write(tmp / name)
-            fm.share_as_umask_says(tmp / name)  # save_file writes 0600
+            ck.share_as_umask_says(tmp / name)  # save_file writes 0600
         old = out.with_name(f".{out.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if out.exists():

@@ -29,12 +29,10 @@ import typer
 if not __package__:  # run as a file (python transfer/NAME.py), not with -m: the project's modules are one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import checkpoints as ck
 import fastmoco as fm
 import runs
-
-def fail(msg):
-    """A one-line, user-facing error: exits with status 1, no traceback."""
-    raise SystemExit(f"error: {msg}")
+from cli import fail
 
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
@@ -431,7 +429,7 @@ def main(
     meta["source"]["md5"] = md5(src)
     try:
         output.parent.mkdir(parents=True, exist_ok=True)
-        fm.save_checkpoint(output, tensors, meta)  # atomic: a temporary file, then a rename
+        ck.save_checkpoint(output, tensors, meta)  # atomic: a temporary file, then a rename
     except OSError as e:
         fail(f"{e}: choose another output path")
     parts = sorted({k.split(".")[0] for k in tensors})
