@@ -561,24 +561,33 @@ def set_lr(optimizer, lr: float):
 # The caller does the EMA update first (as the official code does, at the start of the forward) and runs this under
 # autocast; `model` may be DDP-wrapped: it is called exactly once, so DDP sees one forward per backward.
 
+def pair_loss(method, q: list, k: list, pairs, tau: float, offset: int):
+    """Fast-MoCo's and MoCo v3's loss over (online, target) view pairs (i, j): the mean of infonce(q[i], k[j]) times
+    the method's loss_scale (MoCo v3: the sum of its two terms, each scaled by 2*tau; Fast-MoCo: the mean of the
+    2*C cross-entropies, no 2*tau factor, as its official code). q[i] (R, N, d) predictions of view i; k[j]
+    (world*N, d) targets of view j gathered from every process. variants.py's losses call this one too."""
+    losses = [infonce(q[i], k[j], tau, offset, two_tau=method == "mocov3") for i, j in pairs]
+    return TRAITS[method]["loss_scale"] * sum(losses) / len(losses)
+
+
 def fastmoco_loss(model, target, x1, x2, tau=1.0):
     """Fast-MoCo: the C combined predictions of view 1 against the targets of view 2 of the global batch, and
-    symmetric; the mean of the 2*C cross-entropies (official code: no 2*tau factor)."""
+    symmetric (pair_loss)."""
     (_, p1), (_, p2) = model(x1, x2)  # (C*N, d) each, combination-major
     with torch.no_grad():
         k1, k2 = gather(target(x1).float()), gather(target(x2).float())  # (world*N, d)
     N, off = x1.shape[0], world()[0] * x1.shape[0]
     p1, p2 = p1.reshape(-1, N, p1.shape[-1]), p2.reshape(-1, N, p2.shape[-1])  # (C, N, d)
-    return (infonce(p1, k2, tau, off) + infonce(p2, k1, tau, off)) / 2
+    return pair_loss("fastmoco", [p1, p2], [k1, k2], [(0, 1), (1, 0)], tau, off)
 
 
 def mocov3_loss(model, target, x1, x2, tau=1.0):
-    """MoCo v3: ctr(q1, k2) + ctr(q2, k1), each scaled by 2*tau."""
+    """MoCo v3: ctr(q1, k2) + ctr(q2, k1), each scaled by 2*tau (pair_loss)."""
     (_, q1), (_, q2) = model(x1, x2)
     with torch.no_grad():
         k1, k2 = gather(target(x1).float()), gather(target(x2).float())
     off = world()[0] * x1.shape[0]
-    return infonce(q1, k2, tau, off, two_tau=True) + infonce(q2, k1, tau, off, two_tau=True)
+    return pair_loss("mocov3", [q1, q2], [k1, k2], [(0, 1), (1, 0)], tau, off)
 
 
 def moco_loss(model, target, x1, x2, queue, tau, generator):

@@ -65,13 +65,13 @@ def one_line_errors(batches, rank, output_dir):
 
 # ----------------------------------------------------------------------------- the algorithm of one step
 
-def step_loss(model, target, views, queue, step, *, method, variant, tau, patches, same_view, seed, rank):
+def batch_loss(model, target, views, queue, step, *, method, variant, tau, patches, same_view, seed, rank):
     """This step's (loss, keys to enqueue or None): variants.py's (BYOL, SimSiam, NNCLR, the ablations) or
     fastmoco.py's. Their random draws are seeded per step (and process), so a resumed run repeats them."""
     x1, x2, *small = views
     if variant:
-        return vr.step_loss(method, model, target, x1, x2, small, queue, tau, patches, same_view,
-                            sample_seed(seed, step, rank))
+        return vr.variant_loss(method, model, target, x1, x2, small, queue, tau, patches, same_view,
+                               sample_seed(seed, step, rank))
     g = torch.Generator().manual_seed(sample_seed(seed, step))  # MoCo v1/v2 shuffle-BN: same on every process
     return fm.step_loss(method, model, target, x1, x2, tau, queue, g)
 
@@ -453,7 +453,7 @@ def main(
                 small_stem=small_stem, world_size=world,
                 image_size=image_size, args=args, recipe=r, fastmoco_sha256=ck.source_hash(), total_steps=total)
     log = runs.open_log(output_dir / "log.jsonl", step) if acc.is_main_process else None
-    loss_fn = functools.partial(step_loss, method=method.value, variant=variant, tau=r["tau"], patches=patches,
+    loss_fn = functools.partial(batch_loss, method=method.value, variant=variant, tau=r["tau"], patches=patches,
                                 same_view=same_view, seed=seed, rank=acc.process_index)
     window = runs.Window(acc, step, point[2].get("train_seconds", 0.0) if point else 0.0)  # between two log rows
     with user_errors():  # no decodable image in a kNN split

@@ -111,7 +111,7 @@ def combine_with(f: torch.Tensor, P: int, subsets, op: str = "mean", lam: float 
 def random_crops(x: torch.Tensor, n: int, count: int) -> torch.Tensor:
     """(N, C, H, W) -> (count*N, C, H/n, W/n): `count` crops of the grid's patch size per image, at independent
     uniformly random positions (overlaps allowed), crop-major like fastmoco.divide. Positions come from the CPU
-    generator (step_loss seeds it per step, so a resumed run draws the same crops)."""
+    generator (variant_loss seeds it per step, so a resumed run draws the same crops)."""
     N, _, H, W = x.shape
     h, w = H // n, W // n
     top, left = torch.randint(0, H - h + 1, (count * N,)), torch.randint(0, W - w + 1, (count * N,))
@@ -238,7 +238,8 @@ def nearest(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return support[(F.normalize(z.float(), dim=1) @ support.float().T).argmax(1)]
 
 
-def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patches=True, same_view=False, seed=0):
+def variant_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patches=True, same_view=False,
+                 seed=0):
     """One step's loss of any variant; `model` (maybe DDP-wrapped) is called exactly once. Returns (loss, keys to
     enqueue: NNCLR's support-set entries gathered from all processes, else None). The forward's random draws
     (crop positions, subset relabelling, Beta weights) come from the CPU generator seeded with `seed` (pass one
@@ -262,10 +263,9 @@ def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patc
     q = [group(p1), group(p2)] + [group(p) for _, p in rest]
     pairs = [(0, 0), (1, 1)] if same_view else [(0, 1), (1, 0)] + [(i, j) for i in range(2, len(q)) for j in (0, 1)]
     off, keys = fm.world()[0] * N, None
-    if method in ("fastmoco", "mocov3"):
-        k = [fm.gather(t_) for t_ in t]  # (world*N, d)
-        losses = [fm.infonce(q[i], k[j], tau, off, two_tau=method == "mocov3") for i, j in pairs]
-    elif method == "byol":
+    if method in ("fastmoco", "mocov3"):  # the core methods' own loss, over these pairs
+        return fm.pair_loss(method, q, [fm.gather(t_) for t_ in t], pairs, tau, off), None  # targets (world*N, d)
+    if method == "byol":
         losses = [byol_loss(q[i], t[j][None]) for i, j in pairs]
     elif method == "simsiam":
         losses = [simsiam_loss(q[i], t[j][None]) for i, j in pairs]
@@ -281,7 +281,7 @@ def step_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patc
 # ----------------------------------------------------------------------------- which runs are variants, and checks
 
 def is_variant(method, patches, pipeline, combine, combinations, same_view, multi_crop) -> bool:
-    """Does the run need Encoder and step_loss, or is it one of the four core methods exactly as fastmoco.py
+    """Does the run need Encoder and variant_loss, or is it one of the four core methods exactly as fastmoco.py
     defines them? Any option this module adds, or patches on (off) for another method than fastmoco."""
     return (method in METHODS or patches != fm.TRAITS[method]["patches"] or pipeline != PIPELINES[0]
             or combine != "mean" or bool(combinations or same_view or multi_crop))

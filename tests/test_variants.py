@@ -128,11 +128,11 @@ def test_undivide_inverts_divide():
 
 @pytest.mark.parametrize("pipeline", ["sample-encode-combine", "sample-combine-encode", "encode-only"])
 def test_random_pipelines_are_a_function_of_the_step_seed(pipeline):
-    """The crops are drawn from the generator step_loss seeds: same seed, same loss; another seed, another loss."""
+    """The crops are drawn from the generator variant_loss seeds: same seed, same loss; another seed, another loss."""
     x1, x2 = views()
     model = encoder(pipeline=pipeline, combine="beta" if pipeline == "sample-encode-combine" else "mean")
     target = fm.target_encoder(model)
-    a, b, c = (vr.step_loss("fastmoco", model, target, x1, x2, seed=s)[0].item() for s in (5, 5, 6))
+    a, b, c = (vr.variant_loss("fastmoco", model, target, x1, x2, seed=s)[0].item() for s in (5, 5, 6))
     assert a == b != c
 
 
@@ -217,7 +217,7 @@ def test_simsiam_stop_grad_no_gradient_through_the_target_side():
     constants; without the stop-grad they would differ."""
     x1, x2 = views()
     model = encoder("simsiam", patches=False)
-    loss, _ = vr.step_loss("simsiam", model, None, x1, x2, patches=False)
+    loss, _ = vr.variant_loss("simsiam", model, None, x1, x2, patches=False)
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -240,7 +240,7 @@ def test_simsiam_with_patches_forwards_the_whole_view_again():
     model = encoder("simsiam")
     target = fm.target_encoder(model)
     fm.ema_update(target, model, 0.0)
-    loss, _ = vr.step_loss("simsiam", model, target, x1, x2)
+    loss, _ = vr.variant_loss("simsiam", model, target, x1, x2)
     (_, p1), (_, p2) = model(x1, x2)
     with torch.no_grad():
         t1, t2 = model.projector(model.backbone(x1)), model.projector(model.backbone(x2))
@@ -253,7 +253,7 @@ def test_nnclr_positive_is_the_support_neighbour_of_the_other_view():
     x1, x2 = views()
     model = encoder("nnclr", patches=False)
     queue = F.normalize(torch.randn(16, 256), dim=1)
-    loss, keys = vr.step_loss("nnclr", model, None, x1, x2, queue=queue, tau=0.1, patches=False)
+    loss, keys = vr.variant_loss("nnclr", model, None, x1, x2, queue=queue, tau=0.1, patches=False)
     with torch.no_grad():
         (z1, p1), (z2, p2) = model(x1, x2)
 
@@ -269,7 +269,7 @@ def test_nnclr_positive_is_the_support_neighbour_of_the_other_view():
 # ----------------------------------------------------------------------------- defaults, same view, multi-crop
 
 def test_defaults_compute_exactly_the_core_methods():
-    """Encoder with the defaults = fastmoco.OnlineEncoder; step_loss = fastmoco_loss / mocov3_loss."""
+    """Encoder with the defaults = fastmoco.OnlineEncoder; variant_loss = fastmoco_loss / mocov3_loss."""
     x1, x2 = views()
     for method, patches, core in (("fastmoco", True, fm.fastmoco_loss), ("mocov3", False, fm.mocov3_loss)):
         model = encoder(method, patches)
@@ -278,7 +278,7 @@ def test_defaults_compute_exactly_the_core_methods():
         assert model.state_dict().keys() == ref_model.state_dict().keys()
         ref_model.load_state_dict(model.state_dict())
         target = fm.target_encoder(model)
-        got, _ = vr.step_loss(method, model, target, x1, x2, patches=patches)
+        got, _ = vr.variant_loss(method, model, target, x1, x2, patches=patches)
         assert got.item() == pytest.approx(core(ref_model, target, x1, x2).item(), abs=1e-6)
 
 
@@ -288,11 +288,11 @@ def test_same_view_pairs_each_view_with_itself_only():
     x1, x2 = views()
     model = encoder()
     target = fm.target_encoder(model)
-    got, _ = vr.step_loss("fastmoco", model, target, x1, x2, same_view=True)
-    a, _ = vr.step_loss("fastmoco", model, target, x1, x1)
-    b, _ = vr.step_loss("fastmoco", model, target, x2, x2)
+    got, _ = vr.variant_loss("fastmoco", model, target, x1, x2, same_view=True)
+    a, _ = vr.variant_loss("fastmoco", model, target, x1, x1)
+    b, _ = vr.variant_loss("fastmoco", model, target, x2, x2)
     assert got.item() == pytest.approx((a.item() + b.item()) / 2, abs=1e-6)
-    other, _ = vr.step_loss("fastmoco", model, target, x1, x2)
+    other, _ = vr.variant_loss("fastmoco", model, target, x1, x2)
     assert abs(other.item() - got.item()) > 1e-4
 
 
@@ -301,7 +301,7 @@ def test_multi_crop_views_are_queries_against_both_targets():
     small = [torch.randn(3, 3, 8, 8)]
     model = encoder("mocov3", patches=False)
     target = fm.target_encoder(model)
-    got, _ = vr.step_loss("mocov3", model, target, x1, x2, small, patches=False)
+    got, _ = vr.variant_loss("mocov3", model, target, x1, x2, small, patches=False)
     with torch.no_grad():
         (_, q1), (_, q2), (_, qs) = model(x1, x2, *small)
         k1, k2 = target(x1), target(x2)
