@@ -7,6 +7,7 @@ BYOL, SimSiam, NNCLR and the paper's ablations).
 Every default is the method's published recipe (README, "Methods and recipes"); any of them can be overridden.
 """
 
+import dataclasses
 import functools
 import itertools
 import math
@@ -106,23 +107,40 @@ def schedules(step, total, per_epoch, base_lr, r) -> tuple:
     return lr, fm.momentum_at(step, total, r["momentum"], r["cosine_momentum"])
 
 
-def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m, loss_fn, clip_grad, check_finite,
-               acc, fill=False):
+@dataclasses.dataclass
+class Run:
+    """A pretraining run's moving parts: what a step changes and what a checkpoint holds. `model` is the prepared
+    (DDP) online encoder, called once per step; `online` the same module unwrapped; `queue` MoCo's negatives or
+    NNCLR's support set (or None) with its pointer `ptr`; `cursor` where a stream's workers are (or None)."""
+    acc: Accelerator
+    model: nn.Module
+    online: nn.Module
+    target: nn.Module
+    optimizer: torch.optim.Optimizer
+    queue: Optional[torch.Tensor] = None
+    ptr: int = 0
+    step: int = 0
+    skipped: int = 0
+    cursor: object = None
+
+
+def train_step(run: Run, views, lr, m, loss_fn, clip_grad, check_finite, fill=False):
     """One optimisation step in the official order: lr, EMA before the forward, loss, backward, clip, step,
-    enqueue. `model` is the prepared (DDP) module, called once; `online` the same module unwrapped. check_finite
-    (--skip-nonfinite): apply nothing when the loss or a gradient is not finite on some process. fill
-    (--warm-queue's first K/B steps): only enqueue this batch's keys of the unchanged encoders (the loss is logged).
-    Returns (loss, queue pointer, outcome): "applied"; "skipped" (check_finite found a non-finite value: the caller
-    rolls the EMA and BN statistics back); "overflow" (fp16: the loss scaler found inf gradients and skipped the
-    optimizer step, lowering its scale; the EMA, BN statistics and queue moved, as under the official code's AMP)."""
+    enqueue (run.ptr moves). check_finite (--skip-nonfinite): apply nothing when the loss or a gradient is not finite
+    on some process. fill (--warm-queue's first K/B steps): only enqueue this batch's keys of the unchanged encoders
+    (the loss is logged). Returns (loss, outcome): "applied"; "skipped" (check_finite found a non-finite value: the
+    caller rolls the EMA and BN statistics back); "overflow" (fp16: the loss scaler found inf gradients and skipped
+    the optimizer step, lowering its scale; the EMA, BN statistics and queue moved, as under the official code's AMP)."""
+    acc, model, optimizer = run.acc, run.model, run.optimizer
     if fill:
         with torch.no_grad(), acc.autocast():
-            loss, keys = loss_fn(model, target, views, queue, step)
-        return loss, fm.enqueue(queue, ptr, keys), "applied"
+            loss, keys = loss_fn(model, run.target, views, run.queue, run.step)
+        run.ptr = fm.enqueue(run.queue, run.ptr, keys)
+        return loss, "applied"
     fm.set_lr(optimizer, lr)
-    fm.ema_update(target, online, m)  # official order: before the forward
+    fm.ema_update(run.target, run.online, m)  # official order: before the forward
     with acc.autocast():  # covers the target forward too
-        loss, keys = loss_fn(model, target, views, queue, step)
+        loss, keys = loss_fn(model, run.target, views, run.queue, run.step)
     optimizer.zero_grad(set_to_none=True)
     acc.backward(loss)
     if clip_grad:
@@ -132,11 +150,11 @@ def train_step(model, online, target, optimizer, queue, ptr, views, step, lr, m,
     if check_finite and not runs.all_finite(loss, model, acc):
         if acc.scaler is not None:  # unscale_ recorded the overflow: update() lowers the scale and ends the step,
             acc.scaler.update()  # else the next step's unscale_ raises "already been called since the last update()"
-        return loss, ptr, "skipped"
+        return loss, "skipped"
     optimizer.step()
-    if queue is not None:
-        ptr = fm.enqueue(queue, ptr, keys)
-    return loss, ptr, "overflow" if acc.scaler is not None and optimizer.step_was_skipped else "applied"
+    if run.queue is not None:
+        run.ptr = fm.enqueue(run.queue, run.ptr, keys)
+    return loss, "overflow" if acc.scaler is not None and optimizer.step_was_skipped else "applied"
 
 
 # ----------------------------------------------------------------------------- setup
@@ -201,12 +219,13 @@ def on_device(model, sync_bn, channels_last, acc, official_init=False):
 
 # ----------------------------------------------------------------------------- saving
 
-def save(acc, path, online, target, optimizer, queue, ptr, cursor, meta, keep):
+def save(run: Run, path, meta, keep):
     """Write the run's state from the main process (atomic), then keep only the newest `keep` periodic checkpoints."""
+    acc = run.acc
     acc.wait_for_everyone()
-    tensors = runs.state_tensors(online, target, optimizer, queue, ptr, acc)
-    if cursor:  # streaming: where every worker of every process is, (world * W, 2)
-        tensors["data.stream"] = acc.gather(cursor.state(meta["step"]).to(acc.device))
+    tensors = runs.state_tensors(run.online, run.target, run.optimizer, run.queue, run.ptr, acc)
+    if run.cursor:  # streaming: where every worker of every process is, (world * W, 2)
+        tensors["data.stream"] = acc.gather(run.cursor.state(meta["step"]).to(acc.device))
     if acc.is_main_process:
         try:
             ck.save_checkpoint(path, tensors, meta)
@@ -217,9 +236,10 @@ def save(acc, path, online, target, optimizer, queue, ptr, cursor, meta, keep):
     acc.wait_for_everyone()  # if the write fails, the others are still here to leave with its error (not exiting 0)
 
 
-def at_step(meta, step, per_epoch, skipped, window) -> dict:
+def at_step(meta, run: Run, per_epoch, window) -> dict:
     """A checkpoint's metadata: the run's, and where it stands."""
-    return dict(meta, step=step, epoch=step / per_epoch, skipped_steps=skipped, train_seconds=window.seconds())
+    return dict(meta, step=run.step, epoch=run.step / per_epoch, skipped_steps=run.skipped,
+                train_seconds=window.seconds())
 
 
 def log_row(acc, log, window, step, per_epoch, B, seen, bad, skipped, lr, m, skip_nonfinite, max_bad_fraction,
@@ -438,7 +458,8 @@ def main(
         loader = loader_for(ds, n, streaming, image_column, on_dev.worker if on_dev else transforms, B,
                             acc.process_index, world, seed, step, stop, workers, pin=acc.device.type == "cuda",
                             stream_state=tensors.get("data.stream"))
-    cursor = getattr(loader, "cursor", None)  # streaming: where each worker is, saved for an exact resume
+    run = Run(acc, model, online, target, optimizer, queue, ptr, step, skipped,
+              cursor=getattr(loader, "cursor", None))  # streaming: where each worker is, saved for an exact resume
     # iter() draws the workers' base seed from the torch RNG: restore the saved state after it
     batches = one_line_errors(iter(loader), acc.process_index, output_dir)
     first = next(batches, None)  # data that cannot give one batch fails here, before DIR, its log or TensorBoard exist
@@ -463,51 +484,49 @@ def main(
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     with progress:
-        task = progress.add_task(f"{method.value} {arch}", total=stop, completed=step, info="")
-        for i, (*xs, info) in enumerate(batches, cursor.first if cursor else step):
-            if cursor:
-                cursor.update(i, info)
-            if i < step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
+        task = progress.add_task(f"{method.value} {arch}", total=stop, completed=run.step, info="")
+        for i, (*xs, info) in enumerate(batches, run.cursor.first if run.cursor else run.step):
+            if run.cursor:
+                run.cursor.update(i, info)
+            if i < run.step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
                 continue
-            if step >= stop:  # resumed from a run that had already finished (a stream never ends by itself)
+            if run.step >= stop:  # resumed from a run that had already finished (a stream never ends by itself)
                 break
             bad += int(info[:, 0].sum())
             snap = runs.snapshot(target, online) if skip_nonfinite else None  # EMA, BN stats: rolled back on a skip
             views = on_dev(xs, acc.device, fmt) if on_dev else [x.to(acc.device, non_blocking=True,
                                                                      memory_format=fmt) for x in xs]
-            lr_now, m = schedules(step, total, per_epoch, base_lr, r)
-            loss, ptr, outcome = train_step(model, online, target, optimizer, queue, ptr, views, step, lr_now, m,
-                                            loss_fn, r["clip_grad"], skip_nonfinite, acc,
-                                            fill=warm_queue and step < len(queue) // B)  # --warm-queue
+            lr_now, m = schedules(run.step, total, per_epoch, base_lr, r)
+            loss, outcome = train_step(run, views, lr_now, m, loss_fn, r["clip_grad"], skip_nonfinite,
+                                       fill=warm_queue and run.step < len(queue) // B)  # --warm-queue
             if outcome == "skipped":  # --skip-nonfinite: no optimizer, EMA, BN or queue update
                 runs.restore(target, online, snap)
-                skipped, window.skipped = skipped + 1, window.skipped + 1
+                run.skipped, window.skipped = run.skipped + 1, window.skipped + 1
             else:
                 window.add(loss)
                 window.overflows += outcome == "overflow"
-            step += 1
+            run.step += 1
+            step = run.step
             if step % log_every == 0 or step == stop or (save_every and step % save_every == 0):  # host syncs
                 progress.update(task, info=log_row(acc, log, window, step, per_epoch, B, max(step * B, n), bad,
-                                                   skipped, lr_now, m, skip_nonfinite, max_bad_fraction, output_dir))
+                                                   run.skipped, lr_now, m, skip_nonfinite, max_bad_fraction,
+                                                   output_dir))
             progress.update(task, completed=step)
             if knn_every and step % (knn_every * per_epoch) == 0:
                 with user_errors():
                     top1s.append(knn.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
                                              image_size, window, knn_bank_size, seed, workers))
             if save_every and step % save_every == 0 and step < stop:
-                save(acc, output_dir / f"ckpt-{step:07d}.safetensors", online, target, optimizer, queue, ptr, cursor,
-                     at_step(meta, step, per_epoch, skipped, window), keep)
+                save(run, output_dir / f"ckpt-{step:07d}.safetensors", at_step(meta, run, per_epoch, window), keep)
             if step >= stop:
                 break
 
     # 6. the final checkpoint
-    save(acc, output_dir / "ckpt.safetensors", online, target, optimizer, queue, ptr, cursor,
-         at_step(meta, step, per_epoch, skipped, window), keep)
+    save(run, output_dir / "ckpt.safetensors", at_step(meta, run, per_epoch, window), keep)
     acc.end_training()
     if log:
         log.close()
-    acc.print(closing_line(output_dir / "ckpt.safetensors", step, total, window.seconds(), top1s))
-
+    acc.print(closing_line(output_dir / "ckpt.safetensors", run.step, total, window.seconds(), top1s))
 
 if __name__ == "__main__":
     app()

@@ -370,8 +370,8 @@ def test_fp16_skip_nonfinite_then_a_good_step(fp16_scaler, clip):
         return lambda model, target, views, queue, step: ((model(x) * scale).sum(), None)
 
     def step(scale, check):
-        return pretrain.train_step(model, online, target, opt, None, 0, [x], 0, 0.1, 0.99, loss_fn(scale), clip,
-                                   check, acc)[2]
+        run = pretrain.Run(acc, model, online, target, opt)
+        return pretrain.train_step(run, [x], 0.1, 0.99, loss_fn(scale), clip, check)[1]
 
     w = online.weight.detach().clone()
     assert step(float("nan"), True) == "skipped" and acc.scaler.get_scale() == 2.0 ** 15
