@@ -18,7 +18,6 @@ from safetensors.torch import save_file
 import fastmoco as fm
 import knn
 import linear_probe
-import runs
 
 datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0  # see tests/test_knn.py
 data, out = sys.argv[1], Path(sys.argv[2])
@@ -32,7 +31,7 @@ def fingerprint(img) -> str:
 
 
 decoded = []
-load_rgb = runs.load_rgb
+load_rgb = knn.load_rgb
 
 
 def counting_load_rgb(value):  # the kNN's streamed decode
@@ -41,7 +40,7 @@ def counting_load_rgb(value):  # the kNN's streamed decode
     return img
 
 
-runs.load_rgb = counting_load_rgb
+knn.load_rgb = counting_load_rgb
 torch.manual_seed(0)
 backbone = fm.resnet("resnet18", False)
 splits = [datasets.load_dataset("parquet", data_dir=data, split=s, streaming=True) for s in ("train", "test")]
