@@ -145,12 +145,7 @@ def load(path, arch: str = None):
     net = build(arch, kwargs=kwargs)
     head = net.pretrained_cfg.get("classifier") or "head"  # a timm classifier's weights (head.*, fc.*): not ours
     sd = ck.prefixed(tensors, "backbone.") or {k: v for k, v in tensors.items() if not k.startswith(head + ".")}
-    expected = net.state_dict()
-    bad = sorted(set(expected) ^ set(sd)) + [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
-    if bad:
-        raise ValueError(f"{path} does not fit timm's {arch} ({len(bad)} keys missing, extra or of another shape, "
-                         f"e.g. {bad[0]}): pass the --arch it was trained with")
-    net.load_state_dict(sd)
+    ck.load_strictly(net, sd, f"{path} does not fit timm's {arch}")
     return net, dict(meta, arch=arch, small_stem=False, arch_kwargs=kwargs)
 
 

@@ -132,11 +132,16 @@ def load_backbone(path, arch: str = None):
         raise ValueError(f"{path} is a {saved} checkpoint, not {arch}: pass --arch {saved} or leave it out")
     arch = saved or arch or "resnet50"
     small_stem = sd["conv1.weight"].shape[-1] == 3  # torchvision's stem is 7x7
-    net = fm.resnet(arch, small_stem)
+    net = load_strictly(fm.resnet(arch, small_stem), sd, f"{path} does not fit a {arch}")
+    return net, dict(meta, arch=arch, small_stem=small_stem)
+
+
+def load_strictly(net, sd: dict, what: str):
+    """net with the state dict sd loaded strictly, or a ValueError `what (N keys missing, ...): pass the --arch ...`."""
     expected = net.state_dict()
     bad = sorted(set(expected) ^ set(sd)) + [k for k in sd if k in expected and sd[k].shape != expected[k].shape]
     if bad:
-        raise ValueError(f"{path} does not fit a {arch} ({len(bad)} keys missing, extra or of another shape, e.g. "
-                         f"{bad[0]}): pass the --arch it was trained with")
+        raise ValueError(f"{what} ({len(bad)} keys missing, extra or of another shape, e.g. {bad[0]}): pass the "
+                         "--arch it was trained with")
     net.load_state_dict(sd)
-    return net, dict(meta, arch=arch, small_stem=small_stem)
+    return net
