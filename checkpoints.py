@@ -1,7 +1,7 @@
 """Checkpoint files: safetensors + JSON metadata only, nothing is ever unpickled. Writes are atomic (temporary file,
 fsync, rename), honour the umask, and carry a checksum of every tensor that loads verify. Keys of a pretraining
 checkpoint: backbone.* (torchvision's or timm's names, no classifier), projector.*, predictor.*, target.backbone.*,
-target.projector.*, optimizer.<i>.<buffer>, queue, ... (README, "Checkpoint layout")."""
+target.projector.*, optimizer.<i>.<buffer>, queue, ... (docs/checkpoints-io.md, "Checkpoint layout")."""
 
 import hashlib
 import json

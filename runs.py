@@ -118,7 +118,7 @@ def rotate(output_dir: Path, keep: int):
 # ----------------------------------------------------------------------------- the state of a run
 
 def state_tensors(model, target, optimizer, queue, ptr, acc) -> dict:
-    """Everything a resume needs, as flat tensors (see README, "Checkpoint layout")."""
+    """Everything a resume needs, as flat tensors (docs/checkpoints-io.md, "Checkpoint layout")."""
     t = dict(model.state_dict())  # backbone.* (torchvision names), projector.*, predictor.*
     t.update({f"target.{k}": v for k, v in target.state_dict().items()})
     t.update(ck.optimizer_tensors(optimizer))
