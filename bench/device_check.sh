@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The first check on a lent NVIDIA GPU (H100/H200): <= 8 min wall with setup, one table (bench/device_check.py).
+# The first check on a lent NVIDIA GPU (H100/H200): <= 9 min wall with setup, one table (bench/device_check.py).
 # Prepare here first (bash bench/device_prepare.sh: wheels in .whl/, CIFAR-10 in .data/cifar10), then run this on the
 # GPU machine with both folders carried; docs/benchmarks.md gives the exact call. Extra options go to device_check.py.
 set -uo pipefail
@@ -14,5 +14,5 @@ $PY -c "import datasets, accelerate, typer, safetensors" || { echo "error: a pac
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 LOG=${OUT:-runs}/device_check.log
 mkdir -p "$(dirname "$LOG")"
-PYTHONUNBUFFERED=1 timeout 450 $PY -m bench.device_check "$@" 2>&1 | tee "$LOG"
+PYTHONUNBUFFERED=1 timeout 540 $PY -m bench.device_check "$@" 2>&1 | tee "$LOG"
 exit "${PIPESTATUS[0]}"
