@@ -18,6 +18,7 @@ Rows, each with its seconds and ok / FAIL:
   full CIFAR-10 side by side, their kNN epoch by epoch until the budget stops them.
 Exits 1 when a row failed or data it needs is absent, so a check that measured nothing is never green."""
 
+import importlib.util
 import json
 import math
 import os
@@ -148,7 +149,8 @@ def sync_rows(quick: bool) -> list:
                     step()
             finally:
                 torch.cuda.set_sync_debug_mode("default")
-        syncs = [str(w.message).splitlines()[0] for w in caught if "synchroniz" in str(w.message)]
+        syncs = [str(w.message).splitlines()[0] for w in caught  # not torch's notice that the mode is a prototype
+                 if "synchroniz" in str(w.message) and "prototype" not in str(w.message)]
         rows.append(dict(check=f"host syncs per step, {method}", result=f"{len(syncs) / 3:g}" +
                          (f" ({syncs[0][:80]})" if syncs else ""), seconds=f"{time.perf_counter() - t0:.0f}",
                          ok="ok" if not syncs else "FAIL"))
@@ -182,9 +184,13 @@ def start_tests(quick: bool):
     """The fast tier, as README's everyday command runs it, in the background (it hides CUDA: CPU only)."""
     if quick:
         return None
+    # 2026-12-04 on an H200's host it did not finish in 300 s (one failure, unnamed): spread it over 8 processes
+    # where pytest-xdist is there, and name each failure (-rfE) and each test stuck for 120 s (pytest-timeout)
+    extra = [*(["-n", "8"] if importlib.util.find_spec("xdist") else []),
+             *(["--timeout", "120"] if importlib.util.find_spec("pytest_timeout") else [])]
     return time.perf_counter(), subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=ROOT, stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT, text=True)
+        [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *extra], cwd=ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def tests_row(started) -> dict:
@@ -197,7 +203,7 @@ def tests_row(started) -> dict:
         p.kill()
         stdout = p.communicate()[0] + "\ntimed out after 300 s"
     lines = stdout.strip().splitlines() or ["no output"]
-    failed = [x.split(" - ")[0] for x in lines if x.startswith("FAILED")]
+    failed = [x.split(" - ")[0] for x in lines if x.startswith(("FAILED", "ERROR"))]
     return dict(check="fast test tier (CUDA hidden)", result=lines[-1] + (f"; {', '.join(failed[:4])}" if failed else ""),
                 seconds=f"{time.perf_counter() - t0:.0f}", ok="ok" if p.returncode == 0 else "FAIL")
 
