@@ -73,9 +73,11 @@ def test_the_suite_hides_cuda_from_itself_and_its_subprocesses():
 
 
 @pytest.mark.slow
-def test_device_check_quick_mode_runs_every_part(tmp_path):
-    """bench/device_check.py's CPU smoke run: the SIGKILL + resume rows are bit-exact on the CPU, every row ok."""
-    p = subprocess.run([sys.executable, "-m", "bench.device_check", "--quick", "--out", str(tmp_path)],
+def test_device_check_quick_mode_runs_every_part(labelled, tmp_path):
+    """bench/device_check.py's CPU smoke run: the SIGKILL + resume rows are bit-exact on the CPU, every row ok; the
+    CIFAR-10 part runs its three pretrain.py runs side by side on the demo images (labelled parquet)."""
+    p = subprocess.run([sys.executable, "-m", "bench.device_check", "--quick", "--data", str(labelled), "--out",
+                        str(tmp_path)],
                        capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [r for r in p.stdout.split("\n\n")[-2].splitlines()[2:]]
@@ -84,6 +86,7 @@ def test_device_check_quick_mode_runs_every_part(tmp_path):
     assert len(resumed) == 2 and all("weights off by 0.0e+00" in r and "NOT killed" not in r for r in resumed)
     assert any(r.startswith("| step fastmoco resnet18") for r in rows)
     assert any(r.startswith("| loader: --augment-on device workers") for r in rows)
+    assert any(r.startswith("| CIFAR-10 kNN at epoch 2 of 2 | fastmoco ") for r in rows), rows
 
 
 def test_device_check_fails_loudly(monkeypatch, tmp_path):
@@ -102,6 +105,7 @@ def test_device_check_fails_loudly(monkeypatch, tmp_path):
         raise RuntimeError("CUDA error: out of memory")
 
     monkeypatch.setattr(dc, "smoke_rows", broken)
+    monkeypatch.setattr(dc, "cifar_part", lambda *a: [])  # (a CIFAR-10 folder may be there: not run here)
     monkeypatch.setattr(dc, "step_rows", lambda *a: [dict(check="step", result="1 ms", seconds="-", ok="ok")])
     monkeypatch.setattr(dc, "loader_rows", lambda *a: [dict(pipeline="cpu", workers=0, **{"img/s": "1"})])
     result = CliRunner().invoke(dc.app, ["--quick", "--out", str(tmp_path)])
