@@ -4,13 +4,13 @@ encoded once per evaluation, L2-normalised rows in half precision on the device;
 (n_val, n_train) similarity (ImageNet: 256 GB in fp32) exists."""
 
 import math
-import time
 
 import numpy as np
 import torch
 
-import runs
 from data import clean_transform, load_rgb, process_shards, with_labels
+
+BATCH = 256  # images per forward of the backbone while encoding the bank and the queries
 
 
 def bank_dtype(device) -> torch.dtype:
@@ -113,16 +113,16 @@ def knn_features(backbone, ds, workers, batch, dtype, acc) -> tuple:
 
 
 @torch.no_grad()
-def knn_top1(backbone, train, val, column, size, acc, bank_size=0, seed=0, workers=0, batch=256) -> tuple:
+def knn_top1(backbone, train, val, column, size, acc, bank_size=0, seed=0, workers=0) -> tuple:
     """kNN top-1 (k=200, t=0.1) of `backbone` on clean views, and the bank's size: the train split (or a labelled
     subset of `bank_size`, the same at every evaluation) as the bank, gathered on every process; each process scores
     its share of the val split against it."""
     t, dtype, rank, world = clean_transform(size), bank_dtype(acc.device), acc.process_index, acc.num_processes
     backbone.eval()
     bank, bank_y = knn_features(backbone, *knn_split(train, column, t, rank, world, workers, bank_size, seed),
-                                batch, dtype, acc)
+                                BATCH, dtype, acc)
     bank, bank_y = gather_rows(acc, bank)[:bank_size or None], gather_rows(acc, bank_y)[:bank_size or None]
-    q, q_y = knn_features(backbone, *knn_split(val, column, t, rank, world, workers), batch, dtype, acc)
+    q, q_y = knn_features(backbone, *knn_split(val, column, t, rank, world, workers), BATCH, dtype, acc)
     backbone.train()
     if not len(bank) or not acc.reduce(torch.tensor(len(q_y), device=acc.device), "sum").item():
         raise ValueError("no image of the kNN monitor's train or validation split could be decoded (the 'skipped "
@@ -130,16 +130,5 @@ def knn_top1(backbone, train, val, column, size, acc, bank_size=0, seed=0, worke
     pred = knn_predict(q, bank, bank_y, int(bank_y.max()) + 1)
     hits, seen = acc.reduce(torch.tensor([int((pred == q_y).sum()), len(q_y)], device=acc.device), "sum").tolist()
     return 100.0 * hits / seen, len(bank)
-
-
-def log_knn(acc, log, step, per_epoch, backbone, knn_data, column, size, window, bank_size=0, seed=0,
-            workers=0) -> float:
-    """Log kNN top-1 of the online backbone (knn_top1); its time does not count as training time. Returns top-1."""
-    t0 = time.perf_counter()
-    top1, bank = knn_top1(backbone, *knn_data, column, size, acc, bank_size, seed, workers)
-    runs.record(acc, log, step, per_epoch, dict(knn_top1=top1, knn_bank=bank, knn_seconds=time.perf_counter() - t0,
-                                           train_seconds=round(window.seconds() - (time.perf_counter() - t0), 2)))
-    window.t += time.perf_counter() - t0
-    return top1
 
 

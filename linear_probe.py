@@ -14,6 +14,7 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, List, Optional
 
 import torch
@@ -27,7 +28,7 @@ import checkpoints as ck
 import fastmoco as fm
 import knn
 import runs
-from cli import Precision, fail, labelled_splits, saved_args
+from cli import Precision, fail, labelled_splits, saved_args, user_errors
 from data import (IGNORE, labelled_loss, num_classes, probe_transforms, process_shards, sample_seed,
                   with_labels)
 
@@ -68,10 +69,11 @@ RANGES = {"image_size": (8,), "batch_size": (1,), "epochs": (1,), "lr": (0,), "w
           "knn_t": (">0",), "workers": (0,)}  # option: (low,) or (low, high); None (the recipe's) is not checked
 
 
-def encode(backbone, ds, column, transform, batch, workers, acc, progress, what):
+def encode(backbone, ds, transform, o, acc, progress, what):
     """One clean pass over a split: pooled features (n, D) and labels (n,), gathered from every process."""
-    loader = acc.prepare(torch.utils.data.DataLoader(with_labels(ds, column, transform), batch_size=batch,
-                                                     num_workers=workers))
+    loader = acc.prepare(torch.utils.data.DataLoader(with_labels(ds, o.image_column, transform),
+                                                     batch_size=o.batch_size // acc.num_processes,
+                                                     num_workers=o.workers))
     streamed = isinstance(ds, torch.utils.data.IterableDataset)  # no length to show
     task = progress.add_task(f"encode {what}", total=None if streamed else len(loader), info="")
     feats, labels, bad = [], [], 0
@@ -156,8 +158,10 @@ def augmented_batches(backbone, loader, steps, acc):
         yield f.float(), torch.where(b["ok"], b["y"], IGNORE).to(acc.device)  # undecodable: left out of the loss
 
 
-def train_epoch(fc, optimizer, batches, step, total, base_lr, acc, progress, task) -> tuple:
-    """One epoch of the classifier on (features, labels) batches, lr per iteration. -> (step, last loss)."""
+def train_epoch(fc, optimizer, batches, schedule, acc, progress, task) -> tuple:
+    """One epoch of the classifier on (features, labels) batches, lr per iteration; schedule: (step, total steps,
+    base lr). -> (step, last loss)."""
+    step, total, base_lr = schedule
     for f, y in batches:
         fm.set_lr(optimizer, fm.lr_at(step, total, base_lr))
         loss = labelled_loss(fc(f), y)
@@ -175,6 +179,84 @@ def evaluate(clf, val_f, val_y) -> tuple:
     top1, top5 = accuracy(clf(val_f), val_y)
     clf.train()
     return top1, top5
+
+
+def settle(o, args: dict) -> tuple:
+    """Step 1, before any work: each value, the checkpoint, the protocol (the checkpoint's recipe unless --recipe)
+    resolved into `o` (image_size, recipe, r, batch_size, epochs, lr). Returns (trackers, backbone, its metadata)."""
+    with user_errors():
+        trackers = runs.check_stage(args, RANGES, o.log_with)
+    if o.arch is not None and (msg := backbones.check(o.arch)):
+        fail(msg)
+    try:
+        backbone, meta = backbones.load(o.ckpt, o.arch)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    o.image_size = o.image_size if o.image_size is not None else meta.get("image_size") or 224
+    saved = meta.get("args") if isinstance(meta.get("args"), dict) else {}
+    o.recipe = o.recipe or saved.get("recipe", "imagenet")
+    o.r = RECIPES[o.recipe]
+    o.batch_size, o.epochs, o.lr = (o.r[k] if v is None else v for k, v in (
+        ("batch_size", o.batch_size), ("epochs", o.epochs), ("lr", o.lr)))
+    return trackers, backbone, meta
+
+
+def labelled_data(o, acc) -> tuple:
+    """The labelled splits (train, n, val, val split name, classes), checked against the batch; o.workers and
+    o.streaming resolved."""
+    B, world = o.batch_size, acc.num_processes
+    o.workers = min(8, (os.cpu_count() or 1) // world) if o.workers is None else o.workers
+    if B % world:
+        fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
+    hub = not Path(o.data).expanduser().exists() and o.data != "demo"
+    o.streaming = hub if o.streaming is None else (o.streaming or hub)
+    train, n, val, _, val_name = labelled_splits(o.data, o.image_column, o.streaming)
+    if n // B == 0 and not o.cached_features:
+        fail(f"{o.data} has {n} training images, fewer than one batch of {B}: lower --batch-size")
+    with user_errors():
+        classes = num_classes(train)
+    return train, n, val, val_name, classes
+
+
+def fit(o, acc, backbone, fc, optimizer, data, progress, log) -> tuple:
+    """Steps 3-4: the features (the validation split once -- the backbone is frozen and the test view deterministic
+    --, the clean train split for --cached-features / --knn, otherwise a loader of augmented train views), then the
+    classifier, per-iteration cosine, evaluated after every epoch. -> (history, val labels, undecodable images, kNN
+    top-1 or None)."""
+    train, n, val, val_name, classes = data
+    B, world = o.batch_size, acc.num_processes
+    train_tf, test_tf = probe_transforms(o.image_size)
+    val_f, val_y, bad = encode(backbone, val, test_tf, o, acc, progress, val_name)
+    train_f = train_y = loader = None
+    if o.cached_features or o.knn:
+        train_f, train_y, bad_train = encode(backbone, train, test_tf, o, acc, progress, "train")
+        bad += bad_train
+    if o.cached_features:
+        per_epoch = max(1, len(train_f) // B)
+        B = min(B, len(train_f))
+    else:
+        per_epoch = n // B
+        ds = (train_stream(train, o.image_column, train_tf, o.seed, acc.process_index, world) if o.streaming else
+              with_labels(train, o.image_column, train_tf))
+        loader = torch.utils.data.DataLoader(ds, batch_size=B // world, shuffle=not o.streaming, drop_last=True,
+                                             num_workers=o.workers, persistent_workers=o.workers > 0)
+        loader = iter(loader) if o.streaming else acc.prepare(loader)  # streamed: one endless iterator
+    total, step, history = o.epochs * per_epoch, 0, []
+    task = progress.add_task("linear probe", total=total, info="")
+    for epoch in range(o.epochs):
+        if loader is not None and hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        batches = (cached_batches(train_f, train_y, B, o.seed, epoch) if o.cached_features else
+                   augmented_batches(backbone, loader, per_epoch, acc))
+        step, loss = train_epoch(fc, optimizer, batches, (step, total, o.base_lr), acc, progress, task)
+        top1, top5 = evaluate(acc.unwrap_model(fc), val_f, val_y)
+        history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
+        progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
+        acc.log(history[-1], step=epoch + 1)
+        if log:
+            log.write(history[-1])
+    knn_top1 = knn_accuracy(train_f, train_y, val_f, val_y, classes, o.knn_k, o.knn_t) if o.knn else None
+    return history, val_y, bad, knn_top1
 
 
 @app.command()
@@ -219,114 +301,54 @@ def main(
              "config, each epoch's row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Linear probe (and kNN) of a frozen pretrained backbone; writes DIR/results.json."""
-    args = saved_args(locals())
+    args = saved_args(locals())  # as linear.safetensors records them
+    o = SimpleNamespace(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k != "args"})
     # 1. checks before any work: each value, the checkpoint, then the data
-    try:
-        trackers = runs.check_stage(args, RANGES, log_with)
-    except ValueError as e:
-        fail(e)
-    if arch is not None and (msg := backbones.check(arch)):
-        fail(msg)
-    try:
-        backbone, meta = backbones.load(ckpt, arch)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    image_size = image_size if image_size is not None else meta.get("image_size") or 224
-    saved = meta.get("args") if isinstance(meta.get("args"), dict) else {}
-    r = RECIPES[recipe.value if recipe else saved.get("recipe", "imagenet")]
-    batch_size, epochs, lr = (r[k] if v is None else v for k, v in (("batch_size", batch_size), ("epochs", epochs),
-                                                                     ("lr", lr)))
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers or None,
-                      project_dir=str(output_dir))
-    B, world = batch_size, acc.num_processes
-    workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
-    if B % world:
-        fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
-    hub = not Path(data).expanduser().exists() and data != "demo"
-    streaming = hub if streaming is None else (streaming or hub)
-    train, n, val, n_val, val_name = labelled_splits(data, image_column, streaming)
-    if n // B == 0 and not cached_features:
-        fail(f"{data} has {n} training images, fewer than one batch of {B}: lower --batch-size")
-    try:
-        classes = num_classes(train)
-    except ValueError as e:
-        fail(e)
+    trackers, backbone, meta = settle(o, args)
+    acc = Accelerator(mixed_precision=o.mixed_precision, log_with=trackers or None, project_dir=str(o.output_dir))
+    data = labelled_data(o, acc)
 
     # 2. frozen backbone (eval mode: BN uses its pretrained statistics) and the linear classifier
-    torch.manual_seed(seed)
+    torch.manual_seed(o.seed)
     backbone.requires_grad_(False).eval().to(acc.device)
     reference = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    fc = classifier(backbone.dim, classes, r["normalize"])
-    base_lr = lr * B / 256
-    optimizer = (fm.LARS(fc.parameters(), lr=base_lr, weight_decay=weight_decay) if r["optimizer"] == "lars" else
-                 torch.optim.SGD(fc.parameters(), lr=base_lr, momentum=0.9, weight_decay=weight_decay))
+    fc = classifier(backbone.dim, data[-1], o.r["normalize"])
+    o.base_lr = o.lr * o.batch_size / 256
+    optimizer = (fm.LARS(fc.parameters(), lr=o.base_lr, weight_decay=o.weight_decay) if o.r["optimizer"] == "lars"
+                 else torch.optim.SGD(fc.parameters(), lr=o.base_lr, momentum=0.9, weight_decay=o.weight_decay))
     fc, optimizer = acc.prepare(fc.to(acc.device), optimizer)
-    train_tf, test_tf = probe_transforms(image_size)
 
-    # 3. features: the validation split once (the backbone is frozen and the test view deterministic), the clean
-    #    train split for --cached-features / --knn, otherwise a loader of augmented train views
+    # 3-4. features, then the classifier
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     acc.init_trackers("linear_probe", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
-    log = runs.PendingLog(output_dir / "log.jsonl") if acc.is_main_process else None  # nothing written yet
+    log = runs.PendingLog(o.output_dir / "log.jsonl") if acc.is_main_process else None  # nothing written yet
     with progress:
-        val_f, val_y, bad = encode(backbone, val, image_column, test_tf, B // world, workers, acc, progress, val_name)
-        train_f = train_y = loader = None
-        if cached_features or knn:
-            train_f, train_y, bad_train = encode(backbone, train, image_column, test_tf, B // world, workers, acc,
-                                                 progress, "train")
-            bad += bad_train
-        if cached_features:
-            per_epoch = max(1, len(train_f) // B)
-            B = min(B, len(train_f))
-        else:
-            per_epoch = n // B
-            ds = (train_stream(train, image_column, train_tf, seed, acc.process_index, world) if streaming else
-                  with_labels(train, image_column, train_tf))
-            loader = torch.utils.data.DataLoader(ds, batch_size=B // world, shuffle=not streaming, drop_last=True,
-                                                 num_workers=workers, persistent_workers=workers > 0)
-            loader = iter(loader) if streaming else acc.prepare(loader)  # streamed: one endless iterator
-
-        # 4. train the classifier: per-iteration cosine schedule, evaluate after every epoch
-        total, step, history = epochs * per_epoch, 0, []
-        task = progress.add_task("linear probe", total=total, info="")
-        for epoch in range(epochs):
-            if loader is not None and hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            batches = (cached_batches(train_f, train_y, B, seed, epoch) if cached_features else
-                       augmented_batches(backbone, loader, per_epoch, acc))
-            step, loss = train_epoch(fc, optimizer, batches, step, total, base_lr, acc, progress, task)
-            top1, top5 = evaluate(acc.unwrap_model(fc), val_f, val_y)
-            history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
-            progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
-            acc.log(history[-1], step=epoch + 1)
-            if log:
-                log.write(history[-1])
-        knn_top1 = knn_accuracy(train_f, train_y, val_f, val_y, classes, knn_k, knn_t) if knn else None
+        history, val_y, bad, knn_top1 = fit(o, acc, backbone, fc, optimizer, data, progress, log)
 
     # 5. self-check, then results: the LAST epoch's top-1/top-5 and the BEST top-1 over epochs (the official
     #    Fast-MoCo solver reports the best)
     check_frozen(backbone, reference)
     best = max(history, key=lambda h: h["top1"])
     results = dict(top1=history[-1]["top1"], top5=history[-1]["top5"], best_top1=best["top1"],
-                   best_top5=best["top5"], best_epoch=best["epoch"], epochs=epochs, train_images=n,
-                   val_images=len(val_y), val_split=val_name, classes=classes, arch=meta["arch"],
-                   small_stem=meta["small_stem"], image_size=image_size, cached_features=cached_features,
-                   checkpoint=str(ckpt), method=meta.get("method"), world_size=world,
-                   recipe=recipe.value if recipe else saved.get("recipe", "imagenet"), lr=lr, batch_size=batch_size,
-                   undecodable_images=bad)
-    if knn:
-        results.update(knn_top1=knn_top1, knn_k=knn_k, knn_t=knn_t)
+                   best_top5=best["top5"], best_epoch=best["epoch"], epochs=o.epochs, train_images=data[1],
+                   val_images=len(val_y), val_split=data[3], classes=data[-1], arch=meta["arch"],
+                   small_stem=meta["small_stem"], image_size=o.image_size, cached_features=o.cached_features,
+                   checkpoint=str(o.ckpt), method=meta.get("method"), world_size=acc.num_processes,
+                   recipe=o.recipe, lr=o.lr, batch_size=o.batch_size, undecodable_images=bad)
+    if o.knn:
+        results.update(knn_top1=knn_top1, knn_k=o.knn_k, knn_t=o.knn_t)
     if acc.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ck.save_checkpoint(output_dir / "linear.safetensors", linear_weights(acc.unwrap_model(fc)),
+        o.output_dir.mkdir(parents=True, exist_ok=True)
+        ck.save_checkpoint(o.output_dir / "linear.safetensors", linear_weights(acc.unwrap_model(fc)),
                            dict(format="fastmoco-linear-v1", args=args, results=results))
-        runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        runs.write_text(o.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         log.commit()
     # the trackers get the numbers of the results (not flags: those are in the config)
-    acc.log({k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=epochs)
+    acc.log({k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            step=o.epochs)
     acc.end_training()
-    acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1") + (("knn_top1",) if knn else ())}))
+    acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1") + (("knn_top1",) if o.knn else ())}))
 
 
 if __name__ == "__main__":

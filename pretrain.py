@@ -12,9 +12,11 @@ import functools
 import itertools
 import math
 import os
+import time
 import traceback
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, List, Optional
 
 import torch
@@ -66,15 +68,15 @@ def one_line_errors(batches, rank, output_dir):
 
 # ----------------------------------------------------------------------------- the algorithm of one step
 
-def batch_loss(model, target, views, queue, step, *, method, variant, tau, patches, same_view, seed, rank):
-    """This step's (loss, keys to enqueue or None): variants.py's (BYOL, SimSiam, NNCLR, the ablations) or
-    fastmoco.py's. Their random draws are seeded per step (and process), so a resumed run repeats them."""
-    x1, x2, *small = views
-    if variant:
-        return vr.variant_loss(method, model, target, x1, x2, small, queue, tau, patches, same_view,
-                               sample_seed(seed, step, rank))
-    g = torch.Generator().manual_seed(sample_seed(seed, step))  # MoCo v1/v2 shuffle-BN: same on every process
-    return fm.step_loss(method, model, target, x1, x2, tau, queue, g)
+def batch_loss(o, rank, model, target, views, queue, step):
+    """This step's (loss, keys to enqueue or None) under the run's settings `o`: variants.py's (BYOL, SimSiam, NNCLR,
+    the ablations) or fastmoco.py's. Their random draws are seeded per step (and process), so a resumed run repeats
+    them."""
+    if o.variant:
+        return vr.variant_loss(o.method, model, target, views, queue, o.r["tau"], o.ablation,
+                               sample_seed(o.seed, step, rank))
+    g = torch.Generator().manual_seed(sample_seed(o.seed, step))  # MoCo v1/v2 shuffle-BN: same on every process
+    return fm.step_loss(o.method, model, target, views[0], views[1], o.r["tau"], queue, g)
 
 
 def resolve_recipe(recipe: str, method: str, overrides: dict) -> dict:
@@ -111,7 +113,8 @@ def schedules(step, total, per_epoch, base_lr, r) -> tuple:
 class Run:
     """A pretraining run's moving parts: what a step changes and what a checkpoint holds. `model` is the prepared
     (DDP) online encoder, called once per step; `online` the same module unwrapped; `queue` MoCo's negatives or
-    NNCLR's support set (or None) with its pointer `ptr`; `cursor` where a stream's workers are (or None)."""
+    NNCLR's support set (or None) with its pointer `ptr`; `cursor` where a stream's workers are (or None); `log` the
+    main process's log.jsonl (else None) and `window` the steps since its last row (runs.Window)."""
     acc: Accelerator
     model: nn.Module
     online: nn.Module
@@ -122,6 +125,8 @@ class Run:
     step: int = 0
     skipped: int = 0
     cursor: object = None
+    log: object = None
+    window: object = None
 
 
 def train_step(run: Run, views, lr, m, loss_fn, clip_grad, check_finite, fill=False):
@@ -167,27 +172,70 @@ RANGES = {  # option: (low,) or (low, high), ">0": above 0; an option left to th
     "max_bad_fraction": (0, 1), "log_every": (1,), "knn_every": (0,), "knn_bank_size": (0,), "workers": (0,)}
 
 
-def check_args(acc, r, arch, image_size, small_stem, patches, grid, k, queue_size, multi_crop, multi_crop_size,
-               resume):
-    """One-line errors for settings that cannot run together, before any work (each value alone: RANGES)."""
-    B, world = r["batch_size"], acc.num_processes
-    if msg := backbones.check(arch, r["arch_kwargs"], small_stem):
+def settle(o, args: dict) -> list:
+    """Step 1 (no work yet): each value checked (RANGES), the recipe resolved into o.r and the settings it decides
+    written into `o` (arch, image_size, small_stem, queue, patches, variant; arch and image_size into `args` too: the
+    checkpoint saves them resolved and a resume compares them), the ablations checked together. Returns the trackers."""
+    with user_errors():
+        trackers = runs.check_stage(args, RANGES, ["tensorboard"] * o.tensorboard + (o.log_with or []))
+    o.r = r = resolve_recipe(o.recipe, o.method, dict(
+        arch=o.arch, epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, weight_decay=o.weight_decay,
+        warmup_epochs=o.warmup_epochs, momentum=o.momentum, tau=o.tau, clip_grad=o.clip_grad))
+    o.arch = args["arch"] = r["arch"]
+    with user_errors():
+        r["arch_kwargs"] = backbones.parse_kwargs(o.arch_kwargs)
+    if o.image_size is None:
+        o.image_size = args["image_size"] = r.get("image_size", 224)
+    if o.small_stem is None:  # a torchvision ResNet's CIFAR stem; timm models keep their own
+        o.small_stem = r.get("small_stem", o.image_size <= 64) and backbones.is_torchvision(o.arch)
+    o.queued, o.queue_size, o.warm_queue = queue_settings(o.method, r, o.queue_size, o.warm_queue)
+    o.patches = fm.TRAITS[o.method]["patches"] if o.patches is None else o.patches
+    o.ablation = vr.Ablation(o.patches, o.pipeline, o.combine, o.combine_lambda, o.beta_alpha, o.combinations,
+                             o.same_view, o.multi_crop)
+    o.variant = vr.is_variant(o.method, o.ablation)
+    if o.official_init and o.method != "fastmoco":
+        fail(f"--official-init is the official Fast-MoCo code's init: --method {o.method} has its own (drop it)")
+    if (o.official_init or o.pipeline.startswith("montage")) and not backbones.is_torchvision(o.arch):
+        fail(f"--official-init and --pipeline montage-* reach into a torchvision ResNet: --arch {o.arch} is not one")
+    if o.variant and (msg := vr.check(o.method, o.ablation, o.grid, o.combine_k, o.momentum)):
+        fail(msg)
+    return trackers
+
+
+def check_args(acc, o):
+    """One-line errors for settings that cannot run together on these processes, before any work."""
+    B, world, grid, k = o.r["batch_size"], acc.num_processes, o.grid, o.combine_k
+    if msg := backbones.check(o.arch, o.r["arch_kwargs"], o.small_stem):
         fail(msg)
     if B % world:
         fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
-    if patches and (image_size % grid or not 1 <= k < grid * grid):
-        fail(f"--grid {grid} must divide --image-size {image_size} and --combine-k must be in 1..{grid * grid - 1} "
+    if o.patches and (o.image_size % grid or not 1 <= k < grid * grid):
+        fail(f"--grid {grid} must divide --image-size {o.image_size} and --combine-k must be in 1..{grid * grid - 1} "
              f"(got {k})")
-    if queue_size and queue_size % B:
-        fail(f"--queue-size {queue_size} is not divisible by the global batch {B}: MoCo enqueues whole batches")
-    smallest = min(image_size // grid if patches else image_size, multi_crop_size if multi_crop else image_size)
-    if (acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if small_stem else 16)
-            and backbones.is_torchvision(arch)):
+    if o.queued and o.queue_size % B:
+        fail(f"--queue-size {o.queue_size} is not divisible by the global batch {B}: MoCo enqueues whole batches")
+    smallest = min(o.image_size // grid if o.patches else o.image_size,
+                   o.multi_crop_size if o.multi_crop else o.image_size)
+    if (acc.device.type == "cpu" and acc.mixed_precision == "bf16" and smallest <= (4 if o.small_stem else 16)
+            and backbones.is_torchvision(o.arch)):
         # torch 2.14 CPU: the bf16 weight gradient of a stride-2 conv on a 1x1 input (layer4.0 here) is sometimes inf
         fail(f"{smallest} px inputs reach layer4 at 1x1, where CPU bf16 gives non-finite gradients: use "
              "--mixed-precision no, --small-stem, or a larger --image-size")
-    if resume is not None and not resume.is_file():
-        fail(f"--resume {resume} does not exist")
+    if o.resume is not None and not o.resume.is_file():
+        fail(f"--resume {o.resume} does not exist")
+
+
+def size_run(o, acc, n):
+    """Step 2's settings that need the data's size n: steps per epoch, total and stop step, the queue (never more
+    than the images of one epoch), the workers."""
+    B, world = o.r["batch_size"], acc.num_processes
+    o.n, o.per_epoch = n, n // B
+    if o.queued and o.queue_size > o.per_epoch * B:  # a queue larger than the data would hold each image's own key
+        o.queue_size = o.per_epoch * B
+        acc.print(f"--queue-size lowered to {o.queue_size}, the images of one epoch ({n} in the data set)")
+    o.total = o.r["epochs"] * o.per_epoch
+    o.stop = o.total if o.max_steps is None else min(o.total, o.max_steps)
+    o.workers = min(8, (os.cpu_count() or 1) // world) if o.workers is None else o.workers
 
 
 def split_bn(model, method, bn_splits, B, world):
@@ -217,6 +265,25 @@ def on_device(model, sync_bn, channels_last, acc, official_init=False):
     return model.to(acc.device, memory_format=fmt), target.to(acc.device, memory_format=fmt), fmt
 
 
+def build(o, acc) -> tuple:
+    """Step 3: (online encoder, momentum encoder, optimizer, queue or None, memory format), the same init on every
+    process (seeded here)."""
+    torch.manual_seed(o.seed)
+    net = None if backbones.is_torchvision(o.arch) else backbones.build(o.arch, kwargs=o.r["arch_kwargs"])  # timm's
+    if o.r.get("mocov3_vit"):
+        backbones.mocov3_vit(net)
+    vit = o.r.get("mocov3_vit", False)  # MoCo v3's ViT heads
+    model = (vr.Encoder(o.method, o.arch, o.small_stem, o.grid, o.combine_k, o.ablation, net, vit) if o.variant else
+             fm.OnlineEncoder(o.method, o.arch, o.small_stem, o.grid, o.combine_k, net, vit))
+    split_bn(model, o.method, o.bn_splits, o.r["batch_size"], acc.num_processes)
+    model, target, fmt = on_device(model, o.r["sync_bn"], o.channels_last, acc, o.official_init)
+    o.base_lr = o.r["lr"] * o.r["batch_size"] / 256
+    optimizer = fm.make_optimizer(model, o.r["optimizer"], o.base_lr, o.r["weight_decay"], o.r["fix_predictor_lr"])
+    # (K, 128) negatives, or NNCLR's (K, 256) support set
+    queue = fm.make_queue(o.queue_size, fm.TRAITS[o.method]["key_dim"], acc.device) if o.queued else None
+    return model, target, optimizer, queue, fmt
+
+
 # ----------------------------------------------------------------------------- saving
 
 def save(run: Run, path, meta, keep):
@@ -236,26 +303,83 @@ def save(run: Run, path, meta, keep):
     acc.wait_for_everyone()  # if the write fails, the others are still here to leave with its error (not exiting 0)
 
 
-def at_step(meta, run: Run, per_epoch, window) -> dict:
+def at_step(meta, run: Run, per_epoch) -> dict:
     """A checkpoint's metadata: the run's, and where it stands."""
     return dict(meta, step=run.step, epoch=run.step / per_epoch, skipped_steps=run.skipped,
-                train_seconds=window.seconds())
+                train_seconds=run.window.seconds())
 
 
-def log_row(acc, log, window, step, per_epoch, B, seen, bad, skipped, lr, m, skip_nonfinite, max_bad_fraction,
-            output_dir) -> str:
-    """Close the log window at `step` (a host sync): check the loss and bad images, write the row, return its text."""
+def log_row(run: Run, o, lr, m, bad) -> str:
+    """Close the log window at run.step (a host sync): check the loss and bad images, write the row, return its
+    text. bad: undecodable images replaced or skipped so far by this process."""
+    acc, step, B, window = run.acc, run.step, o.r["batch_size"], run.window
     mean, ips = window.read(step, B)
-    if not math.isfinite(mean) and not skip_nonfinite:  # checked before any save: no NaN on disk
-        fail(f"loss is {mean} at step {step}; the last checkpoint in {output_dir} is intact (rerun "
+    if not math.isfinite(mean) and not o.skip_nonfinite:  # checked before any save: no NaN on disk
+        fail(f"loss is {mean} at step {step}; the last checkpoint in {o.output_dir} is intact (rerun "
              "the same command with a lower --lr, or --skip-nonfinite)")
     with user_errors():
-        bad_all = runs.check_bad_images(acc, bad, seen, max_bad_fraction)
+        bad_all = runs.check_bad_images(acc, bad, max(step * B, o.n), o.max_bad_fraction)
     fp16 = dict(fp16_overflows=window.overflows, loss_scale=acc.scaler.get_scale()) if acc.scaler else {}
-    runs.record(acc, log, step, per_epoch, dict(loss=mean, lr=lr, m=m, img_per_s=round(ips, 1), skipped_steps=skipped,
-                                                bad_images=bad_all, train_seconds=round(window.seconds(), 2), **fp16))
+    runs.record(acc, run.log, step, o.per_epoch, dict(
+        loss=mean, lr=lr, m=m, img_per_s=round(ips, 1), skipped_steps=run.skipped, bad_images=bad_all,
+        train_seconds=round(window.seconds(), 2), **fp16))
     window.reset(step)
     return f"loss {mean:.4f} lr {lr:.3g} m {m:.4f} {ips:.0f} img/s"
+
+
+def knn_row(run: Run, o, knn_data) -> float:
+    """Log kNN top-1 of the online backbone (knn.knn_top1); its time does not count as training time."""
+    t0 = time.perf_counter()
+    with user_errors():  # no decodable image in a kNN split
+        top1, bank = knn.knn_top1(run.online.backbone, *knn_data, o.image_column, o.image_size, run.acc,
+                                  o.knn_bank_size, o.seed, o.workers)
+    runs.record(run.acc, run.log, run.step, o.per_epoch, dict(
+        knn_top1=top1, knn_bank=bank, knn_seconds=time.perf_counter() - t0,
+        train_seconds=round(run.window.seconds() - (time.perf_counter() - t0), 2)))
+    run.window.t += time.perf_counter() - t0
+    return top1
+
+
+def train(run: Run, o, batches, to_views, loss_fn, meta, knn_data) -> list:
+    """Step 5: train from run.step to o.stop on `batches` ((*views, info) of this process; to_views puts them on the
+    device), logging, evaluating kNN and saving periodic checkpoints on the way. Returns the kNN top-1s."""
+    warm_steps = len(run.queue) // o.r["batch_size"] if o.warm_queue else 0  # --warm-queue: fill the queue first
+    top1s = [knn_row(run, o, knn_data)] if o.knn_every and run.step == 0 else []
+    bad = 0  # undecodable images replaced (map-style) or skipped (streaming), this process
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[info]}"), disable=not run.acc.is_main_process)
+    with progress:
+        task = progress.add_task(f"{o.method} {o.arch}", total=o.stop, completed=run.step, info="")
+        for i, (*xs, info) in enumerate(batches, run.cursor.first if run.cursor else run.step):
+            if run.cursor:
+                run.cursor.update(i, info)
+            if i < run.step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
+                continue
+            if run.step >= o.stop:  # resumed from a run that had already finished (a stream never ends by itself)
+                break
+            bad += int(info[:, 0].sum())
+            snap = runs.snapshot(run.target, run.online) if o.skip_nonfinite else None  # rolled back on a skip
+            lr, m = schedules(run.step, o.total, o.per_epoch, o.base_lr, o.r)
+            loss, outcome = train_step(run, to_views(xs), lr, m, loss_fn, o.r["clip_grad"], o.skip_nonfinite,
+                                       fill=run.step < warm_steps)
+            if outcome == "skipped":  # --skip-nonfinite: no optimizer, EMA, BN or queue update
+                runs.restore(run.target, run.online, snap)
+                run.skipped, run.window.skipped = run.skipped + 1, run.window.skipped + 1
+            else:
+                run.window.add(loss)
+                run.window.overflows += outcome == "overflow"
+            run.step += 1
+            step = run.step
+            if step % o.log_every == 0 or step == o.stop or (o.save_every and step % o.save_every == 0):  # syncs
+                progress.update(task, info=log_row(run, o, lr, m, bad))
+            progress.update(task, completed=step)
+            if o.knn_every and step % (o.knn_every * o.per_epoch) == 0:
+                top1s.append(knn_row(run, o, knn_data))
+            if o.save_every and step % o.save_every == 0 and step < o.stop:
+                save(run, o.output_dir / f"ckpt-{step:07d}.safetensors", at_step(meta, run, o.per_epoch), o.keep)
+            if step >= o.stop:
+                break
+    return top1s
 
 
 def closing_line(path, step, total, seconds, top1s) -> str:
@@ -382,151 +506,70 @@ def main(
              "separate with commas. Each reads its usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...).")] = None,
 ):
     """Pretrain a ResNet (or any timm backbone) with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
-    args = saved_args(locals())
+    args = saved_args(locals())  # as the checkpoint records them
+    o = SimpleNamespace(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k != "args"})
     # 1. every argument checked before any work: each value, then the recipe and the values together
+    trackers = settle(o, args)
+    acc = Accelerator(mixed_precision=o.mixed_precision, log_with=trackers or None, project_dir=str(o.output_dir))
+    check_args(acc, o)
     with user_errors():
-        trackers = runs.check_stage(args, RANGES, ["tensorboard"] * tensorboard + (log_with or []))
-    r = resolve_recipe(recipe.value, method.value, dict(
-        arch=arch, epochs=epochs, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_epochs=warmup_epochs,
-        momentum=momentum, tau=tau, clip_grad=clip_grad))
-    arch = args["arch"] = r["arch"]  # saved resolved, as image_size: resume compares it
-    with user_errors():
-        r["arch_kwargs"] = backbones.parse_kwargs(arch_kwargs)
-    if image_size is None:  # saved resolved: resume compares it
-        image_size = args["image_size"] = r.get("image_size", 224)
-    if small_stem is None:  # a torchvision ResNet's CIFAR stem; timm models keep their own
-        small_stem = r.get("small_stem", image_size <= 64) and backbones.is_torchvision(arch)
-    queued, queue_size, warm_queue = queue_settings(method.value, r, queue_size, warm_queue)
-    patches = fm.TRAITS[method.value]["patches"] if patches is None else patches
-    variant = vr.is_variant(method.value, patches, pipeline.value, combine.value, combinations, same_view, multi_crop)
-    if official_init and method.value != "fastmoco":
-        fail(f"--official-init is the official Fast-MoCo code's init: --method {method.value} has its own (drop it)")
-    if (official_init or pipeline.value.startswith("montage")) and not backbones.is_torchvision(arch):
-        fail(f"--official-init and --pipeline montage-* reach into a torchvision ResNet: --arch {arch} is not one")
-    if variant and (msg := vr.check(method.value, patches, grid, combine_k, pipeline.value, combine.value,
-                                    combine_lambda, combinations, same_view, multi_crop, momentum)):
-        fail(msg)
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value,
-                      log_with=trackers or None, project_dir=str(output_dir))
-    B, world = r["batch_size"], acc.num_processes
-    check_args(acc, r, arch, image_size, small_stem, patches, grid, combine_k, queued and queue_size, multi_crop,
-               multi_crop_size, resume)
-    with user_errors():
-        point = runs.resume_point(output_dir, resume)  # --resume, else DIR's newest valid checkpoint (or None)
+        point = runs.resume_point(o.output_dir, o.resume)  # --resume, else DIR's newest valid checkpoint (or None)
         # the same run continues: its settings must be the checkpoint's (where it logs to may change)
         runs.check_same_run(point, {k: v for k, v in args.items() if k != "log_with"})
 
     # 2. data
+    B, world = o.r["batch_size"], acc.num_processes
     with user_errors():
-        ds, n, streaming, knn_data = pretrain_data(data, streaming, image_column, B, knn_every)
-    per_epoch = n // B
-    if queued and queue_size > per_epoch * B:  # a queue larger than the data would hold each image's own key
-        queue_size = per_epoch * B
-        acc.print(f"--queue-size lowered to {queue_size}, the images of one epoch ({n} in the data set)")
-    total = r["epochs"] * per_epoch
-    stop = total if max_steps is None else min(total, max_steps)
-    workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
+        ds, n, o.streaming, knn_data = pretrain_data(o.data, o.streaming, o.image_column, B, o.knn_every)
+    size_run(o, acc, n)
 
     # 3. online and target encoders, optimizer, queue (same init on every process)
-    torch.manual_seed(seed)
-    net = None if backbones.is_torchvision(arch) else backbones.build(arch, kwargs=r["arch_kwargs"])  # timm's
-    if r.get("mocov3_vit"):
-        backbones.mocov3_vit(net)
-    vit = r.get("mocov3_vit", False)  # MoCo v3's ViT heads
-    model = (vr.Encoder(method.value, arch, small_stem, patches, grid, combine_k, pipeline.value, combine.value,
-                        combine_lambda, beta_alpha, combinations, net, vit) if variant else
-             fm.OnlineEncoder(method.value, arch, small_stem, grid, combine_k, net, vit))
-    split_bn(model, method.value, bn_splits, B, world)
-    model, target, fmt = on_device(model, r["sync_bn"], channels_last, acc, official_init)
-    base_lr = r["lr"] * B / 256
-    optimizer = fm.make_optimizer(model, r["optimizer"], base_lr, r["weight_decay"], r["fix_predictor_lr"])
-    # (K, 128) negatives, or NNCLR's (K, 256) support set
-    queue = fm.make_queue(queue_size, fm.TRAITS[method.value]["key_dim"], acc.device) if queued else None
+    model, target, optimizer, queue, fmt = build(o, acc)
 
     # 4. resume: model, target, optimizer, queue, loss scaler, data position, RNG
-    ptr, step, skipped = runs.load_state(*point[1:], model, target, optimizer, queue) if point else (0, 0, 0)
+    ptr, step, skipped = (runs.load_state(point.tensors, point.meta, model, target, optimizer, queue) if point else
+                          (0, 0, 0))
     with user_errors():
         runs.check_same_start(acc, step)  # several machines: all of them found the same checkpoint
-    tensors = point[1] if point else {}
+    tensors = point.tensors if point else {}
     model, optimizer = acc.prepare(model, optimizer)  # DDP: the momentum encoder has no trainable params, not prepared
-    online = acc.unwrap_model(model)
     if point is not None:
         runs.load_scaler(acc.scaler, tensors)
     with user_errors():
-        transforms = augmentations(r["aug"], image_size) + small_crops(r["aug"], multi_crop_size, multi_crop)
-        on_dev = gpu_augment.DeviceViews(transforms, 16 * image_size // 7) if augment_on.value == "device" else None
-        loader = loader_for(ds, n, streaming, image_column, on_dev.worker if on_dev else transforms, B,
-                            acc.process_index, world, seed, step, stop, workers, pin=acc.device.type == "cuda",
+        transforms = augmentations(o.r["aug"], o.image_size) + small_crops(o.r["aug"], o.multi_crop_size, o.multi_crop)
+        on_dev = gpu_augment.DeviceViews(transforms, 16 * o.image_size // 7) if o.augment_on == "device" else None
+        loader = loader_for(ds, n, o.streaming, o.image_column, on_dev.worker if on_dev else transforms, B,
+                            acc.process_index, world, o.seed, step, o.stop, o.workers, pin=acc.device.type == "cuda",
                             stream_state=tensors.get("data.stream"))
-    run = Run(acc, model, online, target, optimizer, queue, ptr, step, skipped,
+    run = Run(acc, model, acc.unwrap_model(model), target, optimizer, queue, ptr, step, skipped,
               cursor=getattr(loader, "cursor", None))  # streaming: where each worker is, saved for an exact resume
     # iter() draws the workers' base seed from the torch RNG: restore the saved state after it
-    batches = one_line_errors(iter(loader), acc.process_index, output_dir)
+    batches = one_line_errors(iter(loader), acc.process_index, o.output_dir)
     first = next(batches, None)  # data that cannot give one batch fails here, before DIR, its log or TensorBoard exist
     batches = itertools.chain([first] if first is not None else [], batches)
     if point is not None:
         torch.set_rng_state(tensors["rng.torch"])
 
     # 5. train
-    output_dir.mkdir(parents=True, exist_ok=True)
+    o.output_dir.mkdir(parents=True, exist_ok=True)
     acc.init_trackers("pretrain", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
-    meta = dict(format="fastmoco-pretrain-v1", method=method.value, arch=arch, arch_kwargs=r["arch_kwargs"],
-                small_stem=small_stem, world_size=world,
-                image_size=image_size, args=args, recipe=r, fastmoco_sha256=ck.source_hash(), total_steps=total)
-    log = runs.open_log(output_dir / "log.jsonl", step) if acc.is_main_process else None
-    loss_fn = functools.partial(batch_loss, method=method.value, variant=variant, tau=r["tau"], patches=patches,
-                                same_view=same_view, seed=seed, rank=acc.process_index)
-    window = runs.Window(acc, step, point[2].get("train_seconds", 0.0) if point else 0.0)  # between two log rows
-    with user_errors():  # no decodable image in a kNN split
-        top1s = [knn.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column, image_size, window,
-                             knn_bank_size, seed, workers)] if knn_every and step == 0 else []
-    bad = 0  # undecodable images replaced (map-style) or skipped (streaming), this process
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                        TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
-    with progress:
-        task = progress.add_task(f"{method.value} {arch}", total=stop, completed=run.step, info="")
-        for i, (*xs, info) in enumerate(batches, run.cursor.first if run.cursor else run.step):
-            if run.cursor:
-                run.cursor.update(i, info)
-            if i < run.step:  # streaming resume: batches regenerated only to realign the workers (StreamCursor)
-                continue
-            if run.step >= stop:  # resumed from a run that had already finished (a stream never ends by itself)
-                break
-            bad += int(info[:, 0].sum())
-            snap = runs.snapshot(target, online) if skip_nonfinite else None  # EMA, BN stats: rolled back on a skip
-            views = on_dev(xs, acc.device, fmt) if on_dev else [x.to(acc.device, non_blocking=True,
-                                                                     memory_format=fmt) for x in xs]
-            lr_now, m = schedules(run.step, total, per_epoch, base_lr, r)
-            loss, outcome = train_step(run, views, lr_now, m, loss_fn, r["clip_grad"], skip_nonfinite,
-                                       fill=warm_queue and run.step < len(queue) // B)  # --warm-queue
-            if outcome == "skipped":  # --skip-nonfinite: no optimizer, EMA, BN or queue update
-                runs.restore(target, online, snap)
-                run.skipped, window.skipped = run.skipped + 1, window.skipped + 1
-            else:
-                window.add(loss)
-                window.overflows += outcome == "overflow"
-            run.step += 1
-            step = run.step
-            if step % log_every == 0 or step == stop or (save_every and step % save_every == 0):  # host syncs
-                progress.update(task, info=log_row(acc, log, window, step, per_epoch, B, max(step * B, n), bad,
-                                                   run.skipped, lr_now, m, skip_nonfinite, max_bad_fraction,
-                                                   output_dir))
-            progress.update(task, completed=step)
-            if knn_every and step % (knn_every * per_epoch) == 0:
-                with user_errors():
-                    top1s.append(knn.log_knn(acc, log, step, per_epoch, online.backbone, knn_data, image_column,
-                                             image_size, window, knn_bank_size, seed, workers))
-            if save_every and step % save_every == 0 and step < stop:
-                save(run, output_dir / f"ckpt-{step:07d}.safetensors", at_step(meta, run, per_epoch, window), keep)
-            if step >= stop:
-                break
+    meta = dict(format="fastmoco-pretrain-v1", method=o.method, arch=o.arch, arch_kwargs=o.r["arch_kwargs"],
+                small_stem=o.small_stem, world_size=world, image_size=o.image_size, args=args, recipe=o.r,
+                fastmoco_sha256=ck.source_hash(), total_steps=o.total)
+    run.log = runs.open_log(o.output_dir / "log.jsonl", step) if acc.is_main_process else None
+    run.window = runs.Window(acc, step, point.meta.get("train_seconds", 0.0) if point else 0.0)  # between two log rows
+    loss_fn = functools.partial(batch_loss, o, acc.process_index)
+    to_views = ((lambda xs: on_dev(xs, acc.device, fmt)) if on_dev else
+                (lambda xs: [x.to(acc.device, non_blocking=True, memory_format=fmt) for x in xs]))
+    top1s = train(run, o, batches, to_views, loss_fn, meta, knn_data)
 
     # 6. the final checkpoint
-    save(run, output_dir / "ckpt.safetensors", at_step(meta, run, per_epoch, window), keep)
+    save(run, o.output_dir / "ckpt.safetensors", at_step(meta, run, o.per_epoch), o.keep)
     acc.end_training()
-    if log:
-        log.close()
-    acc.print(closing_line(output_dir / "ckpt.safetensors", run.step, total, window.seconds(), top1s))
+    if run.log:
+        run.log.close()
+    acc.print(closing_line(o.output_dir / "ckpt.safetensors", run.step, o.total, run.window.seconds(), top1s))
+
 
 if __name__ == "__main__":
     app()

@@ -13,6 +13,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
@@ -39,14 +40,21 @@ def candidates(output_dir: Path) -> list:
     return [p for *_, p in sorted(found, key=lambda t: (-t[0], t[1]))]
 
 
+class Point(NamedTuple):
+    """A checkpoint to continue from."""
+    path: Path
+    tensors: dict
+    meta: dict
+
+
 def resume_point(output_dir: Path, resume):
-    """(path, tensors, metadata) to continue from, or None for a fresh run.
+    """The Point to continue from, or None for a fresh run.
 
     --resume PATH: that file, or a one-line error. Otherwise DIR's newest checkpoint that loads and passes its
     checksum (a crash can leave a truncated or corrupt file: warn and fall back to the previous one)."""
     if resume is not None:
         try:
-            return (resume, *ck.load_checkpoint(resume))
+            return Point(resume, *ck.load_checkpoint(resume))
         except (ValueError, FileNotFoundError) as e:
             raise ValueError(str(e)) from None
     for p in candidates(output_dir):
@@ -57,7 +65,7 @@ def resume_point(output_dir: Path, resume):
             continue
         print(f"resuming from {p} (step {meta.get('step')}); use another --output-dir to start a new run",
               file=sys.stderr, flush=True)
-        return p, tensors, meta
+        return Point(p, tensors, meta)
     return None
 
 
@@ -160,7 +168,7 @@ def check_same_run(point, args: dict):
     (auto-resume picks up DIR's checkpoint, so a new experiment in an old --output-dir would otherwise mix the two)."""
     if point is None:  # a fresh run
         return
-    path, _, meta = point
+    path, meta = point.path, point.meta
     if meta.get("format") != "fastmoco-pretrain-v1":  # e.g. a backbone-only import (transfer/import_weights.py)
         raise ValueError(f"{path} is not a pretraining checkpoint (format {meta.get('format')}): --resume needs one "
                          "written by pretrain.py, or imported from a full published pretraining file")

@@ -9,6 +9,7 @@ The core method stays in fastmoco.py, which a reader can copy alone; this module
 Imports only torch and the standard library besides fastmoco.
 """
 
+import dataclasses
 import itertools
 import math
 
@@ -42,6 +43,19 @@ SMALL_RECIPES = {  # --recipe small (fastmoco.SMALL: lightly's CIFAR-10 benchmar
 # Table 4a, in the paper's words. Fast-MoCo is divide-encode-combine.
 PIPELINES = ("divide-encode-combine", "divide-combine-encode", "sample-combine-encode", "sample-encode-combine",
              "encode-only", "montage-encode-divide-combine")
+
+
+@dataclasses.dataclass(frozen=True)
+class Ablation:
+    """A run's ablation settings (pretrain.py's "Ablations" options); the defaults are Fast-MoCo's own."""
+    patches: bool = True  # combinatorial patches on the online branch
+    pipeline: str = PIPELINES[0]  # where the patches are combined (Table 4a)
+    combine: str = "mean"  # the combine operator (Sec. 5.5)
+    lam: float = 0.5  # --combine weighted: the weight of a subset's first patch
+    alpha: float = 1.0  # --combine beta: weights ~ Beta(alpha, alpha)
+    combinations: int = 0  # how many of the C(P, k) combinations (Sec. 5.4); 0 = all
+    same_view: bool = False  # positives from the same view (Sec. 5.1)
+    multi_crop: int = 0  # extra low-resolution crops per image (Table 4b)
 
 
 # ----------------------------------------------------------------------------- heads of the other frameworks
@@ -175,13 +189,14 @@ class Encoder(fm.OnlineEncoder):
     code apply unchanged; multi-crop views (the third on) are encoded whole (Table 4b). With the defaults (and for
     every run without patches) features() is OnlineEncoder's own, so a change there reaches every variant."""
 
-    def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, patches=True, grid=2, k=2,
-                 pipeline="divide-encode-combine", combine="mean", lam=0.5, alpha=1.0, combinations=0, backbone=None,
-                 vit=False):
+    def __init__(self, method="fastmoco", arch="resnet50", small_stem=False, grid=2, k=2, ablation=Ablation(),
+                 backbone=None, vit=False):
         super().__init__(method, arch, small_stem, grid, k, backbone, vit)
-        self.patches, self.pipeline, self.combine, self.lam, self.alpha = patches, pipeline, combine, lam, alpha
+        a = ablation
+        self.patches, self.pipeline, self.combine, self.lam, self.alpha = (a.patches, a.pipeline, a.combine, a.lam,
+                                                                           a.alpha)
         self.all = math.comb(grid * grid, k)
-        self.subsets = balanced_subsets(grid * grid, k, combinations or self.all) if patches else []
+        self.subsets = balanced_subsets(grid * grid, k, a.combinations or self.all) if a.patches else []
 
     def make_heads(self, dim: int):
         return heads(self.method, dim, self.vit)
@@ -238,9 +253,9 @@ def nearest(z: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
     return support[(F.normalize(z.float(), dim=1) @ support.float().T).argmax(1)]
 
 
-def variant_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, patches=True, same_view=False,
-                 seed=0):
-    """One step's loss of any variant; `model` (maybe DDP-wrapped) is called exactly once. Returns (loss, keys to
+def variant_loss(method, model, target, views, queue=None, tau=1.0, ablation=Ablation(), seed=0):
+    """One step's loss of any variant on views (x1, x2, *multi-crop views); `model` (maybe DDP-wrapped) is called
+    exactly once. Returns (loss, keys to
     enqueue: NNCLR's support-set entries gathered from all processes, else None). The forward's random draws
     (crop positions, subset relabelling, Beta weights) come from the CPU generator seeded with `seed` (pass one
     derived from run seed, step and rank), so a resumed run repeats them exactly.
@@ -248,12 +263,13 @@ def variant_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, p
     Pairs: each online sample of view 1 against the target of view 2 and vice versa; multi-crop views against the
     targets of both views; --same-view (Sec. 5.1): each view against its own target. The loss is the mean over
     pairs, times 2 where the original sums its two symmetric terms (MoCo v3, BYOL)."""
+    x1, x2 = views[:2]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        (z1, p1), (z2, p2), *rest = model(x1, x2, *small)  # rows (R*N, d)
+        (z1, p1), (z2, p2), *rest = model(*views)  # rows (R*N, d)
     N = x1.shape[0]
     with torch.no_grad():
-        if not fm.TRAITS[method]["ema"] and not patches:
+        if not fm.TRAITS[method]["ema"] and not ablation.patches:
             t = [z1.detach().float(), z2.detach().float()]  # SimSiam / NNCLR: stop-grad on the same forward
         else:
             # EMA target (fastmoco, mocov3, byol). SimSiam / NNCLR have none (target = a copy with m = 0): with
@@ -261,7 +277,8 @@ def variant_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, p
             t = [target(x1).float(), target(x2).float()]  # (N, d) each
     group = lambda p: p.reshape(-1, N, p.shape[-1])  # noqa: E731  (R*N, d) -> (R, N, d)
     q = [group(p1), group(p2)] + [group(p) for _, p in rest]
-    pairs = [(0, 0), (1, 1)] if same_view else [(0, 1), (1, 0)] + [(i, j) for i in range(2, len(q)) for j in (0, 1)]
+    pairs = ([(0, 0), (1, 1)] if ablation.same_view else
+             [(0, 1), (1, 0)] + [(i, j) for i in range(2, len(q)) for j in (0, 1)])
     off, keys = fm.world()[0] * N, None
     if method in ("fastmoco", "mocov3"):  # the core methods' own loss, over these pairs
         return fm.pair_loss(method, q, [fm.gather(t_) for t_ in t], pairs, tau, off), None  # targets (world*N, d)
@@ -280,16 +297,18 @@ def variant_loss(method, model, target, x1, x2, small=(), queue=None, tau=1.0, p
 
 # ----------------------------------------------------------------------------- which runs are variants, and checks
 
-def is_variant(method, patches, pipeline, combine, combinations, same_view, multi_crop) -> bool:
+def is_variant(method, ablation: Ablation) -> bool:
     """Does the run need Encoder and variant_loss, or is it one of the four core methods exactly as fastmoco.py
     defines them? Any option this module adds, or patches on (off) for another method than fastmoco."""
-    return (method in METHODS or patches != fm.TRAITS[method]["patches"] or pipeline != PIPELINES[0]
-            or combine != "mean" or bool(combinations or same_view or multi_crop))
+    a = ablation
+    return (method in METHODS or a.patches != fm.TRAITS[method]["patches"] or a.pipeline != PIPELINES[0]
+            or a.combine != "mean" or bool(a.combinations or a.same_view or a.multi_crop))
 
 
-def check(method, patches, grid, k, pipeline, combine, lam, combinations, same_view, multi_crop,
-          momentum):
+def check(method, ablation: Ablation, grid, k, momentum) -> str:
     """A one-line message for an option combination that cannot run, or None."""
+    a = ablation
+    patches, pipeline, combine, lam, combinations = a.patches, a.pipeline, a.combine, a.lam, a.combinations
     if fm.TRAITS[method]["shuffle_bn"]:  # the queue path has no variants
         return f"--method {method} has no variants: use fastmoco, mocov3, byol, simsiam or nnclr"
     if not fm.TRAITS[method]["ema"] and momentum is not None:
@@ -309,6 +328,6 @@ def check(method, patches, grid, k, pipeline, combine, lam, combinations, same_v
             balanced_subsets(grid * grid, k, combinations)
         except ValueError as e:
             return f"--combinations {combinations}: {e}"
-    if same_view and multi_crop:
+    if a.same_view and a.multi_crop:
         return "--same-view pairs each view with itself: it does not combine with --multi-crop"
     return None

@@ -31,9 +31,9 @@ def _one_thread():
     torch.set_num_threads(n)
 
 
-def encoder(method="fastmoco", patches=True, **kw):
+def encoder(method="fastmoco", patches=True, grid=2, k=2, **ablation):
     torch.manual_seed(0)
-    return vr.Encoder(method, "resnet18", True, patches, **kw)
+    return vr.Encoder(method, "resnet18", True, grid, k, vr.Ablation(patches, **ablation))
 
 
 def views(N=3, px=16, seed=1):
@@ -132,7 +132,7 @@ def test_random_pipelines_are_a_function_of_the_step_seed(pipeline):
     x1, x2 = views()
     model = encoder(pipeline=pipeline, combine="beta" if pipeline == "sample-encode-combine" else "mean")
     target = fm.target_encoder(model)
-    a, b, c = (vr.variant_loss("fastmoco", model, target, x1, x2, seed=s)[0].item() for s in (5, 5, 6))
+    a, b, c = (vr.variant_loss("fastmoco", model, target, [x1, x2], seed=s)[0].item() for s in (5, 5, 6))
     assert a == b != c
 
 
@@ -217,7 +217,7 @@ def test_simsiam_stop_grad_no_gradient_through_the_target_side():
     constants; without the stop-grad they would differ."""
     x1, x2 = views()
     model = encoder("simsiam", patches=False)
-    loss, _ = vr.variant_loss("simsiam", model, None, x1, x2, patches=False)
+    loss, _ = vr.variant_loss("simsiam", model, None, [x1, x2], ablation=vr.Ablation(patches=False))
     loss.backward()
     got = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
@@ -240,7 +240,7 @@ def test_simsiam_with_patches_forwards_the_whole_view_again():
     model = encoder("simsiam")
     target = fm.target_encoder(model)
     fm.ema_update(target, model, 0.0)
-    loss, _ = vr.variant_loss("simsiam", model, target, x1, x2)
+    loss, _ = vr.variant_loss("simsiam", model, target, [x1, x2])
     (_, p1), (_, p2) = model(x1, x2)
     with torch.no_grad():
         t1, t2 = model.projector(model.backbone(x1)), model.projector(model.backbone(x2))
@@ -253,7 +253,7 @@ def test_nnclr_positive_is_the_support_neighbour_of_the_other_view():
     x1, x2 = views()
     model = encoder("nnclr", patches=False)
     queue = F.normalize(torch.randn(16, 256), dim=1)
-    loss, keys = vr.variant_loss("nnclr", model, None, x1, x2, queue=queue, tau=0.1, patches=False)
+    loss, keys = vr.variant_loss("nnclr", model, None, [x1, x2], queue, 0.1, vr.Ablation(patches=False))
     with torch.no_grad():
         (z1, p1), (z2, p2) = model(x1, x2)
 
@@ -278,7 +278,7 @@ def test_defaults_compute_exactly_the_core_methods():
         assert model.state_dict().keys() == ref_model.state_dict().keys()
         ref_model.load_state_dict(model.state_dict())
         target = fm.target_encoder(model)
-        got, _ = vr.variant_loss(method, model, target, x1, x2, patches=patches)
+        got, _ = vr.variant_loss(method, model, target, [x1, x2], ablation=vr.Ablation(patches))
         assert got.item() == pytest.approx(core(ref_model, target, x1, x2).item(), abs=1e-6)
 
 
@@ -288,11 +288,11 @@ def test_same_view_pairs_each_view_with_itself_only():
     x1, x2 = views()
     model = encoder()
     target = fm.target_encoder(model)
-    got, _ = vr.variant_loss("fastmoco", model, target, x1, x2, same_view=True)
-    a, _ = vr.variant_loss("fastmoco", model, target, x1, x1)
-    b, _ = vr.variant_loss("fastmoco", model, target, x2, x2)
+    got, _ = vr.variant_loss("fastmoco", model, target, [x1, x2], ablation=vr.Ablation(same_view=True))
+    a, _ = vr.variant_loss("fastmoco", model, target, [x1, x1])
+    b, _ = vr.variant_loss("fastmoco", model, target, [x2, x2])
     assert got.item() == pytest.approx((a.item() + b.item()) / 2, abs=1e-6)
-    other, _ = vr.variant_loss("fastmoco", model, target, x1, x2)
+    other, _ = vr.variant_loss("fastmoco", model, target, [x1, x2])
     assert abs(other.item() - got.item()) > 1e-4
 
 
@@ -301,7 +301,7 @@ def test_multi_crop_views_are_queries_against_both_targets():
     small = [torch.randn(3, 3, 8, 8)]
     model = encoder("mocov3", patches=False)
     target = fm.target_encoder(model)
-    got, _ = vr.variant_loss("mocov3", model, target, x1, x2, small, patches=False)
+    got, _ = vr.variant_loss("mocov3", model, target, [x1, x2, *small], ablation=vr.Ablation(patches=False))
     with torch.no_grad():
         (_, q1), (_, q2), (_, qs) = model(x1, x2, *small)
         k1, k2 = target(x1), target(x2)
@@ -333,10 +333,11 @@ def test_loader_yields_the_multi_crop_views():
     (dict(same_view=True, multi_crop=1), "does not combine"),
 ])
 def test_check_refuses_impossible_combinations(kw, words):
-    args = dict(method="fastmoco", patches=True, grid=2, k=2, pipeline=vr.PIPELINES[0], combine="mean", lam=0.5,
-                combinations=0, same_view=False, multi_crop=0, momentum=None)
-    assert words in vr.check(**{**args, **kw})
-    assert vr.check(**args) is None
+    def check(method="fastmoco", grid=2, k=2, momentum=None, **ablation):
+        return vr.check(method, vr.Ablation(**ablation), grid, k, momentum)
+
+    assert words in check(**kw)
+    assert check() is None
 
 
 # ----------------------------------------------------------------------------- pretrain.py end to end
@@ -397,12 +398,11 @@ def test_variant_bad_option_one_line_error(parquet, tmp_path):
 def test_is_variant_only_for_options_beyond_the_core_methods():
     """The four core methods with their defaults run fastmoco.py's code; every option variants.py adds, another
     framework, or patches switched against the method's default, runs variants.py's."""
-    core = dict(pipeline=vr.PIPELINES[0], combine="mean", combinations=0, same_view=False, multi_crop=0)
     for method in fm.METHODS:
-        assert not vr.is_variant(method, method == "fastmoco", **core), method
+        assert not vr.is_variant(method, vr.Ablation(patches=method == "fastmoco")), method
     for method in vr.METHODS:
-        assert vr.is_variant(method, False, **core), method
-    assert vr.is_variant("fastmoco", False, **core) and vr.is_variant("mocov3", True, **core)
+        assert vr.is_variant(method, vr.Ablation(patches=False)), method
+    assert vr.is_variant("fastmoco", vr.Ablation(patches=False)) and vr.is_variant("mocov3", vr.Ablation())
     for change in (dict(pipeline="encode-only"), dict(combine="max"), dict(combinations=2), dict(same_view=True),
                    dict(multi_crop=1)):
-        assert vr.is_variant("fastmoco", True, **{**core, **change}), change
+        assert vr.is_variant("fastmoco", vr.Ablation(**change)), change
