@@ -12,7 +12,9 @@ Writes DIR/finetuned.safetensors (a torchvision ResNet state dict with fc), DIR/
 
 import json
 import os
+from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Annotated, List, Optional
 
 import torch
@@ -25,7 +27,7 @@ import backbones
 import checkpoints as ck
 import fastmoco as fm
 import runs
-from cli import Precision, fail, labelled_splits, saved_args
+from cli import Precision, fail, labelled_splits, saved_args, user_errors
 from data import IGNORE, labelled_loss, num_classes, probe_transforms, with_labels
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
@@ -103,6 +105,74 @@ def evaluate(net, ds, column, transform, batch, workers, acc):
     return [100.0 * (top[:, :k] == y[:, None]).any(1).float().mean().item() for k in (1, 5)]
 
 
+def settle(o, args: dict) -> tuple:
+    """Step 1, before any work: each value and the checkpoint (o.image_size resolved from it). Returns (trackers,
+    backbone, its metadata)."""
+    with user_errors():
+        trackers = runs.check_stage(args, RANGES, o.log_with)
+    if o.arch is not None and (msg := backbones.check(o.arch)):
+        fail(msg)
+    if o.subset_file is None and not 0 < o.fraction <= 1:
+        fail(f"--fraction {o.fraction} must be in (0, 1]")
+    try:
+        net, meta = backbones.load(o.ckpt, o.arch)
+    except (ValueError, FileNotFoundError) as e:
+        fail(str(e))
+    o.image_size = o.image_size if o.image_size is not None else meta.get("image_size") or 224
+    return trackers, net, meta
+
+
+def labelled_subset(o, acc) -> tuple:
+    """The data and the labelled subset: (train, val, val split name, classes, subset rows); o.workers, the subset's
+    size and fraction (o.subset_size, o.labelled) and the schedule it decides (o.epochs, o.lr_backbone) resolved."""
+    B, world = o.batch_size, acc.num_processes
+    o.workers = min(8, (os.cpu_count() or 1) // world) if o.workers is None else o.workers
+    if B % world:
+        fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
+    train, _, val, _, val_name = labelled_splits(o.data, o.image_column)
+    if isinstance(train, torch.utils.data.IterableDataset):
+        fail(f"{o.data} is streamed, but a labelled subset needs random access: download it and pass the local folder")
+    with user_errors():
+        classes = num_classes(train)
+    rows = (subset_from_file(o.subset_file, train, o.id_column, o.image_column) if o.subset_file else
+            balanced_subset(train["label"], o.fraction, o.seed))
+    o.subset_size, o.labelled = len(rows), len(rows) / len(train)
+    o.epochs = (60 if o.labelled <= 0.05 else 20) if o.epochs is None else o.epochs  # paper: 1% 60 epochs, 10% 20
+    o.lr_backbone = (0.0 if o.labelled <= 0.05 else 1e-6) if o.lr_backbone is None else o.lr_backbone
+    if len(rows) < B:
+        fail(f"the labelled subset has {len(rows)} images, fewer than one batch of {B}: lower --batch-size")
+    return train, val, val_name, classes, rows
+
+
+def fine_tune(o, acc, model, optimizer, loader, val, progress, log) -> list:
+    """Step 3: lrs x0.2 at two points (per iteration), evaluated on the full validation split after each epoch.
+    Returns the epochs' rows (epoch, loss, top1, top5)."""
+    _, test_tf = probe_transforms(o.image_size)
+    total, step, history = o.epochs * len(loader), 0, []
+    milestones = [round(f * total) for f in MILESTONES]
+    task = progress.add_task(f"fine-tune on {o.subset_size} labels", total=total, info="")
+    for epoch in range(o.epochs):
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+        for b in loader:
+            for g in optimizer.param_groups:
+                g["lr"] = fm.lr_at(step, total, g["base_lr"], milestones=milestones, gamma=GAMMA)
+            with acc.autocast():  # undecodable images (data.with_labels) are left out of the loss
+                loss = labelled_loss(model(b["x"]), torch.where(b["ok"], b["y"], IGNORE))
+            optimizer.zero_grad(set_to_none=True)
+            acc.backward(loss)
+            optimizer.step()
+            step += 1
+            progress.update(task, completed=step)
+        top1, top5 = evaluate(model, val, o.image_column, test_tf, o.batch_size // acc.num_processes, o.workers, acc)
+        history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
+        progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
+        acc.log(history[-1], step=epoch + 1)
+        if log:
+            log.write(history[-1])
+    return history
+
+
 @app.command()
 def main(
     ckpt: Annotated[Path, typer.Argument(help="pretrain.py checkpoint, or torchvision ResNet weights (safetensors).")],
@@ -140,106 +210,56 @@ def main(
              "config, each epoch's row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Fine-tune a pretrained backbone and a linear classifier on a labelled subset; writes DIR/results.json."""
-    args = saved_args(locals())
+    args = saved_args(locals())  # as finetuned.safetensors records them
+    o = SimpleNamespace(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k != "args"})
     # 1. checks before any work: each value, the checkpoint, the data, the subset
-    try:
-        trackers = runs.check_stage(args, RANGES, log_with)
-    except ValueError as e:
-        fail(e)
-    if arch is not None and (msg := backbones.check(arch)):
-        fail(msg)
-    if subset_file is None and not 0 < fraction <= 1:
-        fail(f"--fraction {fraction} must be in (0, 1]")
-    try:
-        net, meta = backbones.load(ckpt, arch)
-    except (ValueError, FileNotFoundError) as e:
-        fail(str(e))
-    image_size = image_size if image_size is not None else meta.get("image_size") or 224
-    acc = Accelerator(mixed_precision=mixed_precision and mixed_precision.value, log_with=trackers or None,
-                      project_dir=str(output_dir))
-    B, world = batch_size, acc.num_processes
-    workers = min(8, (os.cpu_count() or 1) // world) if workers is None else workers
-    if B % world:
-        fail(f"--batch-size {B} is not divisible by the {world} processes: use a multiple of {world}")
-    train, _, val, _, val_name = labelled_splits(data, image_column)
-    if isinstance(train, torch.utils.data.IterableDataset):
-        fail(f"{data} is streamed, but a labelled subset needs random access: download it and pass the local folder")
-    try:
-        classes = num_classes(train)
-    except ValueError as e:
-        fail(e)
-    rows = (subset_from_file(subset_file, train, id_column, image_column) if subset_file else
-            balanced_subset(train["label"], fraction, seed))
-    labelled = len(rows) / len(train)
-    epochs = (60 if labelled <= 0.05 else 20) if epochs is None else epochs  # paper: 1% -> 60 epochs, 10% -> 20
-    lr_backbone = (0.0 if labelled <= 0.05 else 1e-6) if lr_backbone is None else lr_backbone
-    if len(rows) < B:
-        fail(f"the labelled subset has {len(rows)} images, fewer than one batch of {B}: lower --batch-size")
+    trackers, net, meta = settle(o, args)
+    acc = Accelerator(mixed_precision=o.mixed_precision, log_with=trackers or None, project_dir=str(o.output_dir))
+    train, val, val_name, classes, rows = labelled_subset(o, acc)
 
     # 2. model: the pretrained backbone plus a new classifier (torchvision's fc, timm's head), both trained, BN train
-    torch.manual_seed(seed)
+    torch.manual_seed(o.seed)
     fc = backbones.attach_classifier(net, meta["arch"], classes)  # torchvision's fc, timm's own classifier
     nn.init.normal_(fc.weight, std=0.01)
     nn.init.zeros_(fc.bias)
     head = set(map(id, fc.parameters()))
-    groups = [dict(params=[p for p in net.parameters() if id(p) not in head], base_lr=lr_backbone),
-              dict(params=list(fc.parameters()), base_lr=lr_head)]
+    groups = [dict(params=[p for p in net.parameters() if id(p) not in head], base_lr=o.lr_backbone),
+              dict(params=list(fc.parameters()), base_lr=o.lr_head)]
     # paper Appendix B.3: SGD, Nesterov momentum 0.9, no weight decay, no gradient clipping
-    optimizer = torch.optim.SGD(groups, lr=lr_head, momentum=0.9, nesterov=True, weight_decay=0.0)
-    train_tf, test_tf = probe_transforms(image_size)
-    loader = torch.utils.data.DataLoader(with_labels(train.select(rows), image_column, train_tf), batch_size=B // world,
-                                         shuffle=True, drop_last=True, num_workers=workers,
-                                         persistent_workers=workers > 0)
+    optimizer = torch.optim.SGD(groups, lr=o.lr_head, momentum=0.9, nesterov=True, weight_decay=0.0)
+    train_tf, _ = probe_transforms(o.image_size)
+    loader = torch.utils.data.DataLoader(with_labels(train.select(rows), o.image_column, train_tf),
+                                         batch_size=o.batch_size // acc.num_processes, shuffle=True, drop_last=True,
+                                         num_workers=o.workers, persistent_workers=o.workers > 0)
     model, optimizer, loader = acc.prepare(net.to(acc.device), optimizer, loader)
 
-    # 3. fine-tune: lrs x0.2 at two points (per iteration), evaluate on the full validation split after each epoch
-    per_epoch = len(loader)
-    total, step, history = epochs * per_epoch, 0, []
-    milestones = [round(f * total) for f in MILESTONES]
+    # 3. fine-tune
     acc.init_trackers("semisup", config={k: v for k, v in args.items() if isinstance(v, (int, float, str, bool))})
-    log = runs.PendingLog(output_dir / "log.jsonl") if acc.is_main_process else None  # nothing written yet
+    log = runs.PendingLog(o.output_dir / "log.jsonl") if acc.is_main_process else None  # nothing written yet
     progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                         TextColumn("{task.fields[info]}"), disable=not acc.is_main_process)
     with progress:
-        task = progress.add_task(f"fine-tune on {len(rows)} labels", total=total, info="")
-        for epoch in range(epochs):
-            if hasattr(loader, "set_epoch"):
-                loader.set_epoch(epoch)
-            for b in loader:
-                for g in optimizer.param_groups:
-                    g["lr"] = fm.lr_at(step, total, g["base_lr"], milestones=milestones, gamma=GAMMA)
-                with acc.autocast():  # undecodable images (data.with_labels) are left out of the loss
-                    loss = labelled_loss(model(b["x"]), torch.where(b["ok"], b["y"], IGNORE))
-                optimizer.zero_grad(set_to_none=True)
-                acc.backward(loss)
-                optimizer.step()
-                step += 1
-                progress.update(task, completed=step)
-            top1, top5 = evaluate(model, val, image_column, test_tf, B // world, workers, acc)
-            history.append(dict(epoch=epoch + 1, loss=loss.item(), top1=top1, top5=top5))
-            progress.update(task, info=f"loss {loss.item():.4f} top1 {top1:.2f} top5 {top5:.2f}")
-            acc.log(history[-1], step=epoch + 1)
-            if log:
-                log.write(history[-1])
+        history = fine_tune(o, acc, model, optimizer, loader, val, progress, log)
 
     # 4. results: LAST epoch's top-1/top-5 on the full validation split, and the BEST top-1 over epochs
     best = max(history, key=lambda h: h["top1"])
     results = dict(top1=history[-1]["top1"], top5=history[-1]["top5"], best_top1=best["top1"],
-                   best_top5=best["top5"], best_epoch=best["epoch"], epochs=epochs, labelled_images=len(rows),
-                   labelled_fraction=labelled, subset_file=subset_file and str(subset_file), train_images=len(train),
-                   val_images=len(val), val_split=val_name, classes=classes, lr_head=lr_head,
-                   lr_backbone=lr_backbone, arch=meta["arch"], small_stem=meta["small_stem"], image_size=image_size,
-                   checkpoint=str(ckpt), method=meta.get("method"))
+                   best_top5=best["top5"], best_epoch=best["epoch"], epochs=o.epochs, labelled_images=len(rows),
+                   labelled_fraction=o.labelled, subset_file=o.subset_file and str(o.subset_file),
+                   train_images=len(train), val_images=len(val), val_split=val_name, classes=classes,
+                   lr_head=o.lr_head, lr_backbone=o.lr_backbone, arch=meta["arch"], small_stem=meta["small_stem"],
+                   image_size=o.image_size, checkpoint=str(o.ckpt), method=meta.get("method"))
     if acc.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        ck.save_checkpoint(output_dir / "finetuned.safetensors", acc.unwrap_model(model).state_dict(),
+        o.output_dir.mkdir(parents=True, exist_ok=True)
+        ck.save_checkpoint(o.output_dir / "finetuned.safetensors", acc.unwrap_model(model).state_dict(),
                            dict(format="fastmoco-semisup-v1", arch=meta["arch"], small_stem=meta["small_stem"],
-                                arch_kwargs=meta.get("arch_kwargs") or {}, image_size=image_size, args=args,
+                                arch_kwargs=meta.get("arch_kwargs") or {}, image_size=o.image_size, args=args,
                                 results=results, subset=rows))
-        runs.write_text(output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        runs.write_text(o.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         log.commit()
     # the trackers get the numbers of the results (not flags: those are in the config)
-    acc.log({k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}, step=epochs)
+    acc.log({k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+            step=o.epochs)
     acc.end_training()
     acc.print(json.dumps({k: results[k] for k in ("top1", "top5", "best_top1", "labelled_images")}))
 
