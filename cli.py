@@ -1,9 +1,10 @@
-"""The stage scripts' shared surface: one-line errors, the precision choice, the arguments as saved, the labelled
-splits the evaluations read. Nothing here defines the method (fastmoco.py) or a run's files (runs.py)."""
+"""The stage scripts' shared surface: one-line errors, the precision choice, the options as a run's settings and as
+saved, the labelled splits the evaluations read. Nothing here defines the method (fastmoco.py) or a run's files (runs.py)."""
 
 import contextlib
 from enum import Enum
 from pathlib import Path
+from types import SimpleNamespace
 
 from data import load_split
 
@@ -23,6 +24,12 @@ def user_errors():
         yield
     except ValueError as e:
         fail(e)
+
+
+def options(params: dict) -> SimpleNamespace:
+    """main()'s parameters as attributes, choices as their values: the run's settings, which its steps complete (the
+    recipe's values, the data's size...)."""
+    return SimpleNamespace(**{k: v.value if isinstance(v, Enum) else v for k, v in params.items()})
 
 
 def saved_args(params: dict) -> dict:

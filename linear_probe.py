@@ -14,7 +14,6 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, List, Optional
 
 import torch
@@ -28,7 +27,7 @@ import checkpoints as ck
 import fastmoco as fm
 import knn
 import runs
-from cli import Precision, fail, labelled_splits, saved_args, user_errors
+from cli import Precision, fail, labelled_splits, options, saved_args, user_errors
 from data import (IGNORE, labelled_loss, num_classes, probe_transforms, process_shards, sample_seed,
                   with_labels)
 
@@ -301,8 +300,8 @@ def main(
              "config, each epoch's row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Linear probe (and kNN) of a frozen pretrained backbone; writes DIR/results.json."""
-    args = saved_args(locals())  # as linear.safetensors records them
-    o = SimpleNamespace(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k != "args"})
+    o = options(locals())  # the settings: the steps below complete them
+    args = saved_args(vars(o))  # as linear.safetensors records them
     # 1. checks before any work: each value, the checkpoint, then the data
     trackers, backbone, meta = settle(o, args)
     acc = Accelerator(mixed_precision=o.mixed_precision, log_with=trackers or None, project_dir=str(o.output_dir))

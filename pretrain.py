@@ -16,7 +16,6 @@ import time
 import traceback
 from enum import Enum
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, List, Optional
 
 import torch
@@ -33,7 +32,7 @@ import knn
 import runs
 import together
 import variants as vr
-from cli import Precision, fail, saved_args, user_errors
+from cli import Precision, fail, options, saved_args, user_errors
 from data import augmentations, loader_for, pretrain_data, sample_seed, small_crops
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
@@ -506,8 +505,8 @@ def main(
              "separate with commas. Each reads its usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...).")] = None,
 ):
     """Pretrain a ResNet (or any timm backbone) with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
-    args = saved_args(locals())  # as the checkpoint records them
-    o = SimpleNamespace(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k != "args"})
+    o = options(locals())  # the settings: the steps below complete them
+    args = saved_args(vars(o))  # as the checkpoint records them
     # 1. every argument checked before any work: each value, then the recipe and the values together
     trackers = settle(o, args)
     acc = Accelerator(mixed_precision=o.mixed_precision, log_with=trackers or None, project_dir=str(o.output_dir))

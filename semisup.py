@@ -12,9 +12,7 @@ Writes DIR/finetuned.safetensors (a torchvision ResNet state dict with fc), DIR/
 
 import json
 import os
-from enum import Enum
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Annotated, List, Optional
 
 import torch
@@ -27,7 +25,7 @@ import backbones
 import checkpoints as ck
 import fastmoco as fm
 import runs
-from cli import Precision, fail, labelled_splits, saved_args, user_errors
+from cli import Precision, fail, labelled_splits, options, saved_args, user_errors
 from data import IGNORE, labelled_loss, num_classes, probe_transforms, with_labels
 
 app = typer.Typer(add_completion=False, pretty_exceptions_show_locals=False,
@@ -210,8 +208,8 @@ def main(
              "config, each epoch's row of log.jsonl and the results; repeat the flag or separate with commas.")] = None,
 ):
     """Fine-tune a pretrained backbone and a linear classifier on a labelled subset; writes DIR/results.json."""
-    args = saved_args(locals())  # as finetuned.safetensors records them
-    o = SimpleNamespace(**{k: v.value if isinstance(v, Enum) else v for k, v in locals().items() if k != "args"})
+    o = options(locals())  # the settings: the steps below complete them
+    args = saved_args(vars(o))  # as finetuned.safetensors records them
     # 1. checks before any work: each value, the checkpoint, the data, the subset
     trackers, net, meta = settle(o, args)
     acc = Accelerator(mixed_precision=o.mixed_precision, log_with=trackers or None, project_dir=str(o.output_dir))
