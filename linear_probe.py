@@ -14,7 +14,7 @@ import json
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, List, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -200,9 +200,16 @@ def settle(o, args: dict) -> tuple:
     return trackers, backbone, meta
 
 
-def labelled_data(o, acc) -> tuple:
-    """The labelled splits (train, n, val, val split name, classes), checked against the batch; o.workers and
-    o.streaming resolved."""
+class Splits(NamedTuple):
+    train: object  # the train split (a datasets.Dataset, or an IterableDataset when streamed)
+    n: int  # its size
+    val: object
+    val_name: str  # "validation" or "test"
+    classes: int
+
+
+def labelled_data(o, acc) -> Splits:
+    """The labelled splits, checked against the batch; o.workers and o.streaming resolved."""
     B, world = o.batch_size, acc.num_processes
     o.workers = min(8, (os.cpu_count() or 1) // world) if o.workers is None else o.workers
     if B % world:
@@ -214,10 +221,10 @@ def labelled_data(o, acc) -> tuple:
         fail(f"{o.data} has {n} training images, fewer than one batch of {B}: lower --batch-size")
     with user_errors():
         classes = num_classes(train)
-    return train, n, val, val_name, classes
+    return Splits(train, n, val, val_name, classes)
 
 
-def fit(o, acc, backbone, fc, optimizer, data, progress, log) -> tuple:
+def fit(o, acc, backbone, fc, optimizer, data: Splits, progress, log) -> tuple:
     """Steps 3-4: the features (the validation split once -- the backbone is frozen and the test view deterministic
     --, the clean train split for --cached-features / --knn, otherwise a loader of augmented train views), then the
     classifier, per-iteration cosine, evaluated after every epoch. -> (history, val labels, undecodable images, kNN
@@ -311,7 +318,7 @@ def main(
     torch.manual_seed(o.seed)
     backbone.requires_grad_(False).eval().to(acc.device)
     reference = {k: v.detach().cpu().clone() for k, v in backbone.state_dict().items()}
-    fc = classifier(backbone.dim, data[-1], o.r["normalize"])
+    fc = classifier(backbone.dim, data.classes, o.r["normalize"])
     o.base_lr = o.lr * o.batch_size / 256
     optimizer = (fm.LARS(fc.parameters(), lr=o.base_lr, weight_decay=o.weight_decay) if o.r["optimizer"] == "lars"
                  else torch.optim.SGD(fc.parameters(), lr=o.base_lr, momentum=0.9, weight_decay=o.weight_decay))
@@ -330,8 +337,8 @@ def main(
     check_frozen(backbone, reference)
     best = max(history, key=lambda h: h["top1"])
     results = dict(top1=history[-1]["top1"], top5=history[-1]["top5"], best_top1=best["top1"],
-                   best_top5=best["top5"], best_epoch=best["epoch"], epochs=o.epochs, train_images=data[1],
-                   val_images=len(val_y), val_split=data[3], classes=data[-1], arch=meta["arch"],
+                   best_top5=best["top5"], best_epoch=best["epoch"], epochs=o.epochs, train_images=data.n,
+                   val_images=len(val_y), val_split=data.val_name, classes=data.classes, arch=meta["arch"],
                    small_stem=meta["small_stem"], image_size=o.image_size, cached_features=o.cached_features,
                    checkpoint=str(o.ckpt), method=meta.get("method"), world_size=acc.num_processes,
                    recipe=o.recipe, lr=o.lr, batch_size=o.batch_size, undecodable_images=bad)
