@@ -193,7 +193,8 @@ def start_tests(quick: bool):
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def tests_row(started) -> dict:
+def tests_row(started, log: Path) -> dict:
+    """The fast tier's row; its whole output goes to `log` (the failures' names, also when it ran out of time)."""
     if started is None:
         return dict(check="fast test tier", result="not run inside the tests", seconds="-", ok="ok")
     t0, p = started
@@ -202,6 +203,7 @@ def tests_row(started) -> dict:
     except subprocess.TimeoutExpired:
         p.kill()
         stdout = p.communicate()[0] + "\ntimed out after 300 s"
+    log.write_text(stdout)
     lines = stdout.strip().splitlines() or ["no output"]
     failed = [x.split(" - ")[0] for x in lines if x.startswith(("FAILED", "ERROR"))]
     return dict(check="fast test tier (CUDA hidden)", result=lines[-1] + (f"; {', '.join(failed[:4])}" if failed else ""),
@@ -277,7 +279,7 @@ def main(
     rows = [dict(check="machine", result=f"{gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
                                          f"{os.cpu_count()} cores", seconds="-", ok="ok")]
     tests = start_tests(quick)  # CPU only, beside the smoke runs (which wait on the GPU more than the cores)
-    for part in (lambda: smoke_rows(out / "smoke", quick), lambda: [tests_row(tests)], lambda: sync_rows(quick),
+    for part in (lambda: smoke_rows(out / "smoke", quick), lambda: [tests_row(tests, out / "fast-tier.log")], lambda: sync_rows(quick),
                  lambda: step_rows(device, quick),
                  lambda: [dict(check=f"loader: {r['pipeline']}, {r['workers']} workers", result=f"{r['img/s']} img/s",
                                seconds="-", ok="ok")

@@ -15,4 +15,6 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader ||
 LOG=${OUT:-runs}/device_check.log
 mkdir -p "$(dirname "$LOG")"
 PYTHONUNBUFFERED=1 timeout 540 $PY -m bench.device_check "$@" 2>&1 | tee "$LOG"
-exit "${PIPESTATUS[0]}"
+rc=${PIPESTATUS[0]}
+[ -n "${OUT:-}" ] && cp runs/device-check/table.md runs/device-check/fast-tier.log "$OUT"/ 2>/dev/null  # the default --out
+exit "$rc"
