@@ -185,11 +185,12 @@ def start_tests(quick: bool):
     if quick:
         return None
     # 2026-12-04 on an H200's host it did not finish in 300 s (one failure, unnamed): spread it over 8 processes
-    # where pytest-xdist is there, and name each failure (-rfE) and each test stuck for 120 s (pytest-timeout)
+    # where pytest-xdist is there, name each test as it ends (-v, in fast-tier.log) and each failure (-rfE), and fail
+    # a test stuck for 120 s (pytest-timeout)
     extra = [*(["-n", "8"] if importlib.util.find_spec("xdist") else []),
              *(["--timeout", "120"] if importlib.util.find_spec("pytest_timeout") else [])]
     return time.perf_counter(), subprocess.Popen(
-        [sys.executable, "-m", "pytest", "-q", "-rfE", "-p", "no:cacheprovider", *extra], cwd=ROOT,
+        [sys.executable, "-m", "pytest", "-v", "-rfE", "-p", "no:cacheprovider", *extra], cwd=ROOT,
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
@@ -206,7 +207,8 @@ def tests_row(started, log: Path) -> dict:
     log.write_text(stdout)
     lines = stdout.strip().splitlines() or ["no output"]
     failed = [x.split(" - ")[0] for x in lines if x.startswith(("FAILED", "ERROR"))]
-    return dict(check="fast test tier (CUDA hidden)", result=lines[-1] + (f"; {', '.join(failed[:4])}" if failed else ""),
+    return dict(check="fast test tier (CUDA hidden)", result=lines[-1].strip("= ") + (f"; {', '.join(failed[:4])}"
+                                                                                       if failed else ""),
                 seconds=f"{time.perf_counter() - t0:.0f}", ok="ok" if p.returncode == 0 else "FAIL")
 
 
