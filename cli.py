@@ -1,5 +1,6 @@
 """The stage scripts' shared surface: one-line errors, the precision choice, the options as a run's settings and as
-saved, the labelled splits the evaluations read. Nothing here defines the method (fastmoco.py) or a run's files (runs.py)."""
+saved, the labelled splits the evaluations read. Nothing here defines the method (fastmoco.py) or a run's files
+(runs.py)."""
 
 import contextlib
 from enum import Enum

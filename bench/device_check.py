@@ -214,7 +214,8 @@ def tests_row(started, log: Path) -> dict:
 
 def cifar_rows(data: Path, out: Path, epochs: int, deadline: float, quick: bool) -> list:
     """bench/small_data's claim runs (Fast-MoCo, its no-patches baseline, MoCo v3) on full CIFAR-10 side by side,
-    stopped at `deadline` (time.perf_counter()): the kNN each reached, epoch by epoch, of one `epochs`-epoch schedule."""
+    stopped at `deadline` (time.perf_counter()): the kNN each reached, epoch by epoch, of one `epochs`-epoch
+    schedule."""
     names = ("fastmoco", "fastmoco-no-patches", "mocov3")
     workers = 1 if quick else max(1, ((os.cpu_count() or 2) - 1) // len(names))
     size = ["--train-images", "64", "--test-images", "32", "--batch-size", "16"] if quick else [
@@ -266,7 +267,8 @@ def main(
     data: Annotated[Path, typer.Option(help="CIFAR-10 parquet folder for the last row.")] = Path(".data/cifar10"),
     budget: Annotated[float, typer.Option(help="Minutes for the whole check: the CIFAR-10 runs get what the other "
                                                "parts leave, if 1.5 minutes or more.")] = 8.0,
-    cifar_epochs: Annotated[int, typer.Option(help="Epochs of the CIFAR-10 runs' schedule (stopped at the budget).")] = 10,
+    cifar_epochs: Annotated[int, typer.Option(
+        help="Epochs of the CIFAR-10 runs' schedule (stopped at the budget).")] = 10,
     out: Annotated[Path, typer.Option(help="Run folders, table.md.")] = Path("runs/device-check"),
 ):
     """Run every check, print the table (also OUT/table.md); exit 1 if a check failed."""
@@ -281,7 +283,8 @@ def main(
     rows = [dict(check="machine", result=f"{gpu}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
                                          f"{os.cpu_count()} cores", seconds="-", ok="ok")]
     tests = start_tests(quick)  # CPU only, beside the smoke runs (which wait on the GPU more than the cores)
-    for part in (lambda: smoke_rows(out / "smoke", quick), lambda: [tests_row(tests, out / "fast-tier.log")], lambda: sync_rows(quick),
+    for part in (lambda: smoke_rows(out / "smoke", quick), lambda: [tests_row(tests, out / "fast-tier.log")],
+                 lambda: sync_rows(quick),
                  lambda: step_rows(device, quick),
                  lambda: [dict(check=f"loader: {r['pipeline']}, {r['workers']} workers", result=f"{r['img/s']} img/s",
                                seconds="-", ok="ok")

@@ -78,7 +78,8 @@ def test_device_check_quick_mode_runs_every_part(labelled, tmp_path):
     CIFAR-10 part runs its three pretrain.py runs side by side on the demo images (labelled parquet)."""
     p = subprocess.run([sys.executable, "-m", "bench.device_check", "--quick", "--data", str(labelled), "--out",
                         str(tmp_path)],
-                       capture_output=True, text=True, cwd=ROOT, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+                       capture_output=True, text=True, cwd=ROOT, timeout=600,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     rows = [r for r in p.stdout.split("\n\n")[-2].splitlines()[2:]]
     assert all(r.endswith("| ok |") for r in rows), rows
