@@ -4,11 +4,10 @@ Copy-pasteable: imports only torch, torchvision and the standard library. No I/O
 no launch code. RECIPES holds every method's published numbers, SMALL_RECIPES the small-data ones (32-96 px
 datasets), TRAITS what sets the methods apart besides their recipes.
 
-One complete training step, in the official order (lr, EMA before the forward, loss, clip, step, enqueue); any of
-METHODS runs as written (a test executes this block), on a CPU in seconds:
+One complete training step, in the official order (lr, EMA before the forward, loss, clip, step, enqueue), with this
+module imported as `fm`; any of METHODS runs as written (a test executes this block), on a CPU in seconds:
 
     import torch
-    import fastmoco as fm
 
     method, B, total = "fastmoco", 8, 100  # B images per step (all processes), `total` steps in the run
     r = fm.RECIPES[method]

@@ -311,7 +311,7 @@ def test_module_docstring_example_runs(method):
     MoCo v1/v2 keys fill the queue."""
     code = textwrap.dedent(fm.__doc__.split("in seconds:\n\n")[1].split("\n\nWith several")[0])
     assert code.count("\n") >= 15 and code.startswith("import torch") and 'method, B, total = "fastmoco"' in code
-    ns = {}
+    ns = {"fm": fm}  # the docstring's "this module imported as `fm`"
     exec(code.replace('"fastmoco"', repr(method), 1), ns)
     assert torch.isfinite(ns["loss"]) and ns["ptr"] == (ns["B"] if method in ("mocov1", "mocov2") else 0)
     assert all(p.grad is not None for p in ns["model"].parameters()) and ns["optimizer"].state  # backward, step
@@ -327,7 +327,7 @@ def test_fastmoco_py_alone_runs_its_docstring_example(tmp_path):
     shutil.copy(ROOT / "fastmoco.py", tmp_path / "fastmoco.py")
     code = textwrap.dedent(fm.__doc__.split("in seconds:\n\n")[1].split("\n\nWith several")[0])
     check = "import importlib.util as u\nassert not any(u.find_spec(m) for m in ('data', 'runs', 'pretrain'))\n"
-    (tmp_path / "example.py").write_text(check + code + "\nprint('loss', float(loss))\n")
+    (tmp_path / "example.py").write_text(check + "import fastmoco as fm\n" + code + "\nprint('loss', float(loss))\n")
     p = subprocess.run([sys.executable, "-E", "-s", "example.py"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=300)  # -E -s: no PYTHONPATH, no user site; the script's folder comes first
     assert p.returncode == 0, p.stderr[-2000:]
