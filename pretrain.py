@@ -134,7 +134,8 @@ def train_step(run: Run, views, lr, m, loss_fn, clip_grad, check_finite, fill=Fa
     on some process. fill (--warm-queue's first K/B steps): only enqueue this batch's keys of the unchanged encoders
     (the loss is logged). Returns (loss, outcome): "applied"; "skipped" (check_finite found a non-finite value: the
     caller rolls the EMA and BN statistics back); "overflow" (fp16: the loss scaler found inf gradients and skipped
-    the optimizer step, lowering its scale; the EMA, BN statistics and queue moved, as under the official code's AMP)."""
+    the optimizer step, lowering its scale; the EMA, BN statistics and queue moved, as under the official code's
+    AMP)."""
     acc, model, optimizer = run.acc, run.model, run.optimizer
     if fill:
         with torch.no_grad(), acc.autocast():
@@ -386,123 +387,152 @@ def closing_line(path, step, total, seconds, top1s) -> str:
     return f"wrote {path} (step {step}/{total}, {seconds / 60:.1f} min of training){knn_text}"
 
 
+# main()'s options: typer.Option arguments by name (main's signature gives each its type and default)
+OPTIONS = dict(
+    data=dict(help="Hub dataset name (streamed), local folder of parquet files / images, a saved dataset, or 'demo' "
+                   "(built-in, no download)."),
+    method=dict(help="Fast-MoCo (ECCV 2022), MoCo v3, v2, v1, or (Fast-MoCo App. C.1) BYOL, SimSiam, NNCLR."),
+    recipe=dict(help="imagenet: the papers' recipes. small: for 32-96 px datasets of up to ~100k images (CIFAR, "
+                     "STL-10): lightly's / solo-learn's CIFAR recipes, CIFAR stem, 32 px, batch 256, 200 epochs "
+                     "(README)."),
+    arch=dict(help=f"torchvision ResNet ({', '.join(fm.ARCHS)}) or any timm model (convnext_atto, "
+                   "vit_small_patch16_224, ...; a ViT gets MoCo v3's ViT recipe). Recipe: resnet50, small resnet18."),
+    arch_kwargs=dict(help="timm model arguments, name=value,... (e.g. patch_size=4,img_size=32 for a CIFAR ViT); "
+                          "saved with the checkpoint, so timm.create_model(arch, num_classes=0, **them) loads its "
+                          "backbone strictly."),
+    image_size=dict(help="Crop size of the augmented views. Recipe: 224, small 32."),
+    small_stem=dict(help="3x3 stride-1 conv1, no max-pool (CIFAR-style). Default: on for --recipe small or "
+                         "--image-size <= 64."),
+    grid=dict(help="Fast-MoCo: divide each view into grid x grid patches."),
+    combine_k=dict(help="Fast-MoCo: patches per combined embedding, the paper's k (1..grid^2-1)."),
+    patches=dict(rich_help_panel=ABLATIONS, help="Combinatorial patches on the online branch. Default: on for "
+                                                 "fastmoco only; fastmoco --no-patches is MoCo v3's loss under "
+                                                 "Fast-MoCo's recipe (Table 4b's baseline)."),
+    pipeline=dict(rich_help_panel=ABLATIONS, help="Where patches are combined (Table 4a)."),
+    combine=dict(rich_help_panel=ABLATIONS, help="Combine operator (Sec. 5.5)."),
+    combine_lambda=dict(rich_help_panel=ABLATIONS, help="--combine weighted: weight of a subset's first patch."),
+    beta_alpha=dict(rich_help_panel=ABLATIONS, help="--combine beta: weights ~ Beta(a, a) (Dirichlet for k>2)."),
+    combinations=dict(rich_help_panel=ABLATIONS, help="Use this many of the C(grid^2, k) combinations, each patch "
+                                                      "equally often (Sec. 5.4); 0 = all."),
+    same_view=dict(rich_help_panel=ABLATIONS, help="Positives from the same augmented view (Sec. 5.1)."),
+    multi_crop=dict(rich_help_panel=ABLATIONS, help="Extra low-resolution crops per image (Table 4b: 1)."),
+    multi_crop_size=dict(rich_help_panel=ABLATIONS, help="Size of the multi-crop views (SwAV: 96 at 224)."),
+    batch_size=dict(help="Global batch (all processes). Recipe: fastmoco/simsiam 512, mocov3/byol/nnclr 4096, v2/v1 "
+                         "256."),
+    epochs=dict(help="Recipe: 100, mocov2/v1 200."),
+    max_steps=dict(help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules span --epochs. "
+                        "0: only the initial checkpoint (a random-init baseline for the probes)."),
+    lr=dict(help="lr per 256 images (used: lr x batch/256). Recipe: fastmoco/simsiam 0.05, mocov3 0.6, byol 0.2, "
+                 "nnclr 0.3, v2/v1 0.03."),
+    weight_decay=dict(help="Recipe: 1e-4 (mocov3/nnclr 1e-6, byol 1.5e-6)"),
+    warmup_epochs=dict(help="Linear lr warmup. Recipe (cut to a tenth of shorter runs): fastmoco 1, "
+                            "mocov3/byol/nnclr 10; small 0."),
+    momentum=dict(help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), byol 0.996 -> 1, "
+                       "v2/v1 0.999; simsiam/nnclr have none."),
+    tau=dict(help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07, nnclr 0.1."),
+    clip_grad=dict(help="Global grad-norm clip, 0 = off. Recipe: fastmoco 1.0."),
+    bn_splits=dict(help="MoCo v1/v2 on one process: normalise the batch in this many groups, with the key batch "
+                        "shuffled, MoCo's one-GPU stand-in for shuffle-BN (its CIFAR demo: 8). Default: 8 (fewer if "
+                        "the batch gives a group under 8 images) on one process; 1 with several (real shuffle-BN)."),
+    official_init=dict(rich_help_panel=ABLATIONS, help="Fast-MoCo: the official code's init (EMA target drawn "
+                                                       "independently of the online encoder, head BN gammas ~ U(0, "
+                                                       "1)) instead of MoCo v3's (target = a copy, gammas 1)."),
+    queue_size=dict(help="MoCo v1/v2: negatives K in the queue (65536, small 4096); NNCLR: support set size (98304, "
+                         "small 4096). Never more than the dataset."),
+    warm_queue=dict(help="MoCo v1/v2, NNCLR: the first K/batch steps only fill the queue with real keys (no "
+                         "update), instead of training against random vectors. Recipe: small on, imagenet off (the "
+                         "official code)."),
+    output_dir=dict(help="Checkpoints, log.jsonl and TensorBoard logs go here."),
+    seed=dict(help="Seeds the init, the data order and every augmentation."),
+    resume=dict(help="Continue the run saved in this checkpoint. Default: DIR's newest valid checkpoint if there is "
+                     "one (restart a killed job with the same command); a new run needs a new --output-dir."),
+    save_every=dict(help="Write DIR/ckpt-STEP.safetensors every N steps (0 = off)."),
+    keep=dict(help="Keep only the newest N periodic checkpoints (0 = all)."),
+    skip_nonfinite=dict(help="Skip (and count) a step whose loss or gradients are NaN/inf instead of stopping the "
+                             "run."),
+    max_bad_fraction=dict(help="Undecodable images are skipped and logged; stop when more than this fraction of the "
+                               "images is."),
+    log_every=dict(help="Sync and log the loss every N steps."),
+    knn_every=dict(help="kNN top-1 of the online backbone every N epochs on labelled data with a validation or test "
+                        "split, local or streamed (0 = off)."),
+    knn_bank_size=dict(help="kNN bank: this many train images (seeded, class-balanced; the same at every "
+                            "evaluation) instead of the whole split (0). For ImageNet, e.g. 100 per class: "
+                            "--knn-bank-size 100000."),
+    augment_on=dict(help="cpu: the DataLoader workers augment. device: they only decode, place the image in a fixed "
+                         "canvas (512 px at 224) and draw each view's parameters (same recipe and seeds); crops, "
+                         "jitter, blur, solarize, flip and normalisation run batched on the accelerator "
+                         "(gpu_augment.py, docs/benchmarks.md)."),
+    workers=dict(help="DataLoader workers per process (default: cores / processes, max 8)."),
+    image_column=dict(help="Image column of the dataset."),
+    streaming=dict(help="Stream the data (always for Hub names; off for local data unless set)."),
+    mixed_precision=dict(help="no, bf16 or fp16. Default: Accelerate's config / `accelerate launch "
+                              "--mixed_precision`."),
+    channels_last=dict(help="channels_last memory format. Default: on, except fp32 on CPU where it is ~3x slower."),
+    tensorboard=dict(help="Log to TensorBoard (DIR/pretrain) through Accelerate: the same as --log-with "
+                          "tensorboard."),
+    log_with=dict(help="Experiment trackers (Accelerate's names: tensorboard, wandb, mlflow, trackio, ...); repeat "
+                       "the flag or separate with commas. Each reads its usual environment (WANDB_MODE, "
+                       "MLFLOW_TRACKING_URI, ...)."),
+)
+
+
+def option(name: str):
+    """The typer.Option of main's parameter `name` (its help, its --help panel)."""
+    return typer.Option(**OPTIONS[name])
+
+
 @app.command()
 @together.leave_together  # one process fails (full disk, a data loader): all exit at once with its one-line error
 def main(
-    data: Annotated[str, typer.Option(help="Hub dataset name (streamed), local folder of parquet files / images, "
-                                           "a saved dataset, or 'demo' (built-in, no download).")
-                ] = "ILSVRC/imagenet-1k",
-    method: Annotated[Method, typer.Option(help="Fast-MoCo (ECCV 2022), MoCo v3, v2, v1, or (Fast-MoCo App. C.1) "
-                                                "BYOL, SimSiam, NNCLR.")] = Method.fastmoco,
-    recipe: Annotated[Recipe, typer.Option(
-        help="imagenet: the papers' recipes. small: for 32-96 px datasets of up to ~100k images (CIFAR, STL-10): "
-             "lightly's / solo-learn's CIFAR recipes, CIFAR stem, 32 px, batch 256, 200 epochs (README).")
-    ] = Recipe.imagenet,
-    arch: Annotated[Optional[str], typer.Option(
-        help=f"torchvision ResNet ({', '.join(fm.ARCHS)}) or any timm model (convnext_atto, vit_small_patch16_224, "
-             "...; a ViT gets MoCo v3's ViT recipe). Recipe: resnet50, small resnet18.")] = None,
-    arch_kwargs: Annotated[Optional[str], typer.Option(
-        help="timm model arguments, name=value,... (e.g. patch_size=4,img_size=32 for a CIFAR ViT); saved with the "
-             "checkpoint, so timm.create_model(arch, num_classes=0, **them) loads its backbone strictly.")] = None,
-    image_size: Annotated[Optional[int], typer.Option(
-        help="Crop size of the augmented views. Recipe: 224, small 32.")] = None,
-    small_stem: Annotated[Optional[bool], typer.Option(
-        help="3x3 stride-1 conv1, no max-pool (CIFAR-style). Default: on for --recipe small or --image-size <= 64.")
-    ] = None,
-    grid: Annotated[int, typer.Option(help="Fast-MoCo: divide each view into grid x grid patches.")] = 2,
-    combine_k: Annotated[int, typer.Option(
-        help="Fast-MoCo: patches per combined embedding, the paper's k (1..grid^2-1).")] = 2,
-    patches: Annotated[Optional[bool], typer.Option(rich_help_panel=ABLATIONS,
-        help="Combinatorial patches on the online branch. Default: on for fastmoco only; fastmoco --no-patches is "
-             "MoCo v3's loss under Fast-MoCo's recipe (Table 4b's baseline).")] = None,
-    pipeline: Annotated[Pipeline, typer.Option(
-        rich_help_panel=ABLATIONS, help="Where patches are combined (Table 4a).")] = Pipeline(vr.PIPELINES[0]),
-    combine: Annotated[Combine, typer.Option(
-        rich_help_panel=ABLATIONS, help="Combine operator (Sec. 5.5).")] = Combine.mean,
-    combine_lambda: Annotated[float, typer.Option(
-        rich_help_panel=ABLATIONS, help="--combine weighted: weight of a subset's first patch.")] = 0.5,
-    beta_alpha: Annotated[float, typer.Option(
-        rich_help_panel=ABLATIONS, help="--combine beta: weights ~ Beta(a, a) (Dirichlet for k>2).")] = 1.0,
-    combinations: Annotated[int, typer.Option(rich_help_panel=ABLATIONS,
-        help="Use this many of the C(grid^2, k) combinations, each patch equally often (Sec. 5.4); 0 = all.")] = 0,
-    same_view: Annotated[bool, typer.Option(
-        rich_help_panel=ABLATIONS, help="Positives from the same augmented view (Sec. 5.1).")] = False,
-    multi_crop: Annotated[int, typer.Option(
-        rich_help_panel=ABLATIONS, help="Extra low-resolution crops per image (Table 4b: 1).")] = 0,
-    multi_crop_size: Annotated[int, typer.Option(
-        rich_help_panel=ABLATIONS, help="Size of the multi-crop views (SwAV: 96 at 224).")] = 96,
-    batch_size: Annotated[Optional[int], typer.Option(
-        help="Global batch (all processes). Recipe: fastmoco/simsiam 512, mocov3/byol/nnclr 4096, v2/v1 256.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Recipe: 100, mocov2/v1 200.")] = None,
-    max_steps: Annotated[Optional[int], typer.Option(
-        help="Stop after this many optimisation steps (smoke runs, benchmarks); schedules span --epochs. 0: only the "
-             "initial checkpoint (a random-init baseline for the probes).")] = None,
-    lr: Annotated[Optional[float], typer.Option(
-        help="lr per 256 images (used: lr x batch/256). Recipe: fastmoco/simsiam 0.05, mocov3 0.6, byol 0.2, "
-             "nnclr 0.3, v2/v1 0.03.")] = None,
-    weight_decay: Annotated[Optional[float], typer.Option(help="Recipe: 1e-4 (mocov3/nnclr 1e-6, byol 1.5e-6)")] = None,
-    warmup_epochs: Annotated[Optional[int], typer.Option(
-        help="Linear lr warmup. Recipe (cut to a tenth of shorter runs): fastmoco 1, mocov3/byol/nnclr 10; small 0.")
-    ] = None,
-    momentum: Annotated[Optional[float], typer.Option(
-        help="EMA momentum m. Recipe: fastmoco 0.99 constant, mocov3 0.99 -> 1 (cosine), byol 0.996 -> 1, "
-             "v2/v1 0.999; simsiam/nnclr have none.")] = None,
-    tau: Annotated[Optional[float], typer.Option(
-        help="InfoNCE temperature. Recipe: 1.0, mocov2 0.2, mocov1 0.07, nnclr 0.1.")] = None,
-    clip_grad: Annotated[Optional[float], typer.Option(
-        help="Global grad-norm clip, 0 = off. Recipe: fastmoco 1.0.")] = None,
-    bn_splits: Annotated[Optional[int], typer.Option(
-        help="MoCo v1/v2 on one process: normalise the batch in this many groups, with the key batch shuffled, "
-             "MoCo's one-GPU stand-in for shuffle-BN (its CIFAR demo: 8). Default: 8 (fewer if the batch gives a "
-             "group under 8 images) on one process; 1 with several (real shuffle-BN).")] = None,
-    official_init: Annotated[bool, typer.Option(rich_help_panel=ABLATIONS,
-        help="Fast-MoCo: the official code's init (EMA target drawn independently of the online encoder, head BN "
-             "gammas ~ U(0, 1)) instead of MoCo v3's (target = a copy, gammas 1).")] = False,
-    queue_size: Annotated[Optional[int], typer.Option(
-        help="MoCo v1/v2: negatives K in the queue (65536, small 4096); NNCLR: support set size (98304, small "
-             "4096). Never more than the dataset.")] = None,
-    warm_queue: Annotated[Optional[bool], typer.Option(
-        help="MoCo v1/v2, NNCLR: the first K/batch steps only fill the queue with real keys (no update), instead of "
-             "training against random vectors. Recipe: small on, imagenet off (the official code).")] = None,
-    output_dir: Annotated[Path, typer.Option(help="Checkpoints, log.jsonl and TensorBoard logs go here.")] = Path(
-        "runs/pretrain"),
-    seed: Annotated[int, typer.Option(help="Seeds the init, the data order and every augmentation.")] = 0,
-    resume: Annotated[Optional[Path], typer.Option(
-        help="Continue the run saved in this checkpoint. Default: DIR's newest valid checkpoint if there is one "
-             "(restart a killed job with the same command); a new run needs a new --output-dir.")] = None,
-    save_every: Annotated[int, typer.Option(help="Write DIR/ckpt-STEP.safetensors every N steps (0 = off).")] = 1000,
-    keep: Annotated[int, typer.Option(help="Keep only the newest N periodic checkpoints (0 = all).")] = 3,
-    skip_nonfinite: Annotated[bool, typer.Option(
-        help="Skip (and count) a step whose loss or gradients are NaN/inf instead of stopping the run.")] = False,
-    max_bad_fraction: Annotated[float, typer.Option(
-        help="Undecodable images are skipped and logged; stop when more than this fraction of the images is.")
-                                ] = 0.01,
-    log_every: Annotated[int, typer.Option(help="Sync and log the loss every N steps.")] = 20,
-    knn_every: Annotated[int, typer.Option(
-        help="kNN top-1 of the online backbone every N epochs on labelled data with a validation or test split, "
-             "local or streamed (0 = off).")] = 0,
-    knn_bank_size: Annotated[int, typer.Option(
-        help="kNN bank: this many train images (seeded, class-balanced; the same at every evaluation) instead of "
-             "the whole split (0). For ImageNet, e.g. 100 per class: --knn-bank-size 100000.")] = 0,
-    augment_on: Annotated[AugmentOn, typer.Option(
-        help="cpu: the DataLoader workers augment. device: they only decode, place the image in a fixed canvas "
-             "(512 px at 224) and draw each view's parameters (same recipe and seeds); crops, jitter, blur, solarize, "
-             "flip and normalisation run batched on the accelerator (gpu_augment.py, docs/benchmarks.md).")
-    ] = AugmentOn.cpu,
-    workers: Annotated[Optional[int], typer.Option(
-        help="DataLoader workers per process (default: cores / processes, max 8).")] = None,
-    image_column: Annotated[str, typer.Option(help="Image column of the dataset.")] = "image",
-    streaming: Annotated[Optional[bool], typer.Option(
-        help="Stream the data (always for Hub names; off for local data unless set).")] = None,
-    mixed_precision: Annotated[Optional[Precision], typer.Option(
-        help="no, bf16 or fp16. Default: Accelerate's config / `accelerate launch --mixed_precision`.")] = None,
-    channels_last: Annotated[Optional[bool], typer.Option(
-        help="channels_last memory format. Default: on, except fp32 on CPU where it is ~3x slower.")] = None,
-    tensorboard: Annotated[bool, typer.Option(
-        help="Log to TensorBoard (DIR/pretrain) through Accelerate: the same as --log-with tensorboard.")] = True,
-    log_with: Annotated[Optional[List[str]], typer.Option(
-        help="Experiment trackers (Accelerate's names: tensorboard, wandb, mlflow, trackio, ...); repeat the flag or "
-             "separate with commas. Each reads its usual environment (WANDB_MODE, MLFLOW_TRACKING_URI, ...).")] = None,
+    data: Annotated[str, option("data")] = "ILSVRC/imagenet-1k",
+    method: Annotated[Method, option("method")] = Method.fastmoco,
+    recipe: Annotated[Recipe, option("recipe")] = Recipe.imagenet,
+    arch: Annotated[Optional[str], option("arch")] = None,
+    arch_kwargs: Annotated[Optional[str], option("arch_kwargs")] = None,
+    image_size: Annotated[Optional[int], option("image_size")] = None,
+    small_stem: Annotated[Optional[bool], option("small_stem")] = None,
+    grid: Annotated[int, option("grid")] = 2,
+    combine_k: Annotated[int, option("combine_k")] = 2,
+    patches: Annotated[Optional[bool], option("patches")] = None,
+    pipeline: Annotated[Pipeline, option("pipeline")] = Pipeline(vr.PIPELINES[0]),
+    combine: Annotated[Combine, option("combine")] = Combine.mean,
+    combine_lambda: Annotated[float, option("combine_lambda")] = 0.5,
+    beta_alpha: Annotated[float, option("beta_alpha")] = 1.0,
+    combinations: Annotated[int, option("combinations")] = 0,
+    same_view: Annotated[bool, option("same_view")] = False,
+    multi_crop: Annotated[int, option("multi_crop")] = 0,
+    multi_crop_size: Annotated[int, option("multi_crop_size")] = 96,
+    batch_size: Annotated[Optional[int], option("batch_size")] = None,
+    epochs: Annotated[Optional[int], option("epochs")] = None,
+    max_steps: Annotated[Optional[int], option("max_steps")] = None,
+    lr: Annotated[Optional[float], option("lr")] = None,
+    weight_decay: Annotated[Optional[float], option("weight_decay")] = None,
+    warmup_epochs: Annotated[Optional[int], option("warmup_epochs")] = None,
+    momentum: Annotated[Optional[float], option("momentum")] = None,
+    tau: Annotated[Optional[float], option("tau")] = None,
+    clip_grad: Annotated[Optional[float], option("clip_grad")] = None,
+    bn_splits: Annotated[Optional[int], option("bn_splits")] = None,
+    official_init: Annotated[bool, option("official_init")] = False,
+    queue_size: Annotated[Optional[int], option("queue_size")] = None,
+    warm_queue: Annotated[Optional[bool], option("warm_queue")] = None,
+    output_dir: Annotated[Path, option("output_dir")] = Path("runs/pretrain"),
+    seed: Annotated[int, option("seed")] = 0,
+    resume: Annotated[Optional[Path], option("resume")] = None,
+    save_every: Annotated[int, option("save_every")] = 1000,
+    keep: Annotated[int, option("keep")] = 3,
+    skip_nonfinite: Annotated[bool, option("skip_nonfinite")] = False,
+    max_bad_fraction: Annotated[float, option("max_bad_fraction")] = 0.01,
+    log_every: Annotated[int, option("log_every")] = 20,
+    knn_every: Annotated[int, option("knn_every")] = 0,
+    knn_bank_size: Annotated[int, option("knn_bank_size")] = 0,
+    augment_on: Annotated[AugmentOn, option("augment_on")] = AugmentOn.cpu,
+    workers: Annotated[Optional[int], option("workers")] = None,
+    image_column: Annotated[str, option("image_column")] = "image",
+    streaming: Annotated[Optional[bool], option("streaming")] = None,
+    mixed_precision: Annotated[Optional[Precision], option("mixed_precision")] = None,
+    channels_last: Annotated[Optional[bool], option("channels_last")] = None,
+    tensorboard: Annotated[bool, option("tensorboard")] = True,
+    log_with: Annotated[Optional[List[str]], option("log_with")] = None,
 ):
     """Pretrain a ResNet (or any timm backbone) with Fast-MoCo or a MoCo baseline; writes DIR/ckpt.safetensors."""
     o = options(locals())  # the settings: the steps below complete them
